@@ -1,0 +1,1 @@
+//! Benchmarks of moe-permute live in `benches/`; this library is empty.

@@ -1,0 +1,235 @@
+//! What a permute scratch is built for, and the check of a call against it.
+//!
+//! [`ScratchConfig::validate`] is a pure function of shapes, dtypes and devices: it is
+//! the same check on every device, runs before any memory is touched, and never
+//! allocates.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, DType, Device, ScratchMismatch};
+
+/// The largest index the runtime stores: `permuted_idx`, `inv_permuted_idx` and
+/// `sorted_ids` are `i32`, and `N*K` is itself the sentinel for dropped entries.
+const MAX_INDEX: u128 = i32::MAX as u128;
+
+/// The permuted hidden states a scratch owns (the Humming-style backends' case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RowSpec {
+    /// `H`, elements in one row.
+    pub hidden_size: usize,
+    pub dtype: DType,
+    /// `S`, per-token f32 scales that travel with each row (0 for none).
+    pub scale_columns: usize,
+}
+
+impl RowSpec {
+    pub fn row_bytes(&self) -> usize {
+        self.hidden_size * self.dtype.size_bytes()
+    }
+}
+
+/// Everything a [`PermuteScratch`](crate::PermuteScratch) is sized for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScratchConfig {
+    /// The most tokens one call may carry.
+    pub max_num_tokens: usize,
+    /// `K`, experts per token.
+    pub topk: usize,
+    /// `E`, global experts.
+    pub num_experts: usize,
+    /// `L`, experts on this rank (`L == E` without expert parallelism).
+    pub num_local_experts: usize,
+    /// When set, the scratch owns `permuted_hidden_states` (and the permuted scales).
+    pub rows: Option<RowSpec>,
+    /// When set, the scratch owns the buffers of `align` for this block size.
+    pub align_block_size: Option<usize>,
+    pub device: Device,
+}
+
+/// The shape of one call, as [`ScratchConfig::validate`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct CallShape<'a> {
+    /// `N`.
+    pub num_tokens: usize,
+    /// `K` of `topk_ids`.
+    pub topk: usize,
+    /// Length of `expert_map`, when one is given.
+    pub expert_map_len: Option<usize>,
+    /// The rows the call writes into the scratch's own buffer; `None` when the caller
+    /// supplies the destination or the call moves no rows.
+    pub rows: Option<RowSpec>,
+    /// Whether the call needs the align buffers.
+    pub align: bool,
+    /// Each tensor of the call, by name, with the device it lives on.
+    pub devices: &'a [(&'static str, Device)],
+}
+
+impl ScratchConfig {
+    /// A scratch for calls of up to `max_num_tokens` tokens that does not own the
+    /// permuted hidden states (the caller or the expert backend owns them).
+    pub fn new(
+        max_num_tokens: usize,
+        topk: usize,
+        num_experts: usize,
+        num_local_experts: usize,
+        device: Device,
+    ) -> Self {
+        Self {
+            max_num_tokens,
+            topk,
+            num_experts,
+            num_local_experts,
+            rows: None,
+            align_block_size: None,
+            device,
+        }
+    }
+
+    /// The scratch also owns `permuted_hidden_states` of `hidden_size` elements of `dtype`.
+    pub fn with_rows(mut self, hidden_size: usize, dtype: DType) -> Self {
+        self.rows = Some(RowSpec {
+            hidden_size,
+            dtype,
+            scale_columns: self.rows.map_or(0, |rows| rows.scale_columns),
+        });
+        self
+    }
+
+    /// The owned rows carry `columns` per-token f32 scales (needs [`Self::with_rows`]).
+    pub fn with_scale_columns(mut self, columns: usize) -> Self {
+        if let Some(rows) = &mut self.rows {
+            rows.scale_columns = columns;
+        }
+        self
+    }
+
+    /// The scratch also owns the buffers of `align` for `block_size`.
+    pub fn with_align_block_size(mut self, block_size: usize) -> Self {
+        self.align_block_size = Some(block_size);
+        self
+    }
+
+    /// `max_num_tokens * topk`: rows of the permuted buffers.
+    pub fn max_entries(&self) -> usize {
+        self.max_num_tokens * self.topk
+    }
+
+    /// Checks that the configuration can be built; every index it implies fits in i32.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.topk == 0 {
+            return Err(ConfigError::ZeroTopk);
+        }
+        if self.num_experts == 0 {
+            return Err(ConfigError::ZeroExperts);
+        }
+        if self.num_experts as u128 > MAX_INDEX {
+            return Err(ConfigError::TooManyExperts(self.num_experts));
+        }
+        if self.num_local_experts == 0 || self.num_local_experts > self.num_experts {
+            return Err(ConfigError::LocalExperts {
+                local: self.num_local_experts,
+                global: self.num_experts,
+            });
+        }
+        if self.rows.is_some_and(|rows| rows.hidden_size == 0) {
+            return Err(ConfigError::ZeroHiddenSize);
+        }
+        if self.align_block_size == Some(0) {
+            return Err(ConfigError::ZeroBlockSize);
+        }
+        let entries = self.max_num_tokens as u128 * self.topk as u128;
+        let block = self.align_block_size.unwrap_or(1) as u128;
+        let rows = entries + entries.min(self.num_local_experts as u128) * (block - 1);
+        if rows > MAX_INDEX {
+            return Err(ConfigError::IndexOverflow { rows });
+        }
+        Ok(())
+    }
+
+    /// Checks one call against this configuration: the first mismatch found is named.
+    pub fn validate(&self, call: &CallShape<'_>) -> Result<(), ScratchMismatch> {
+        // A property of the call alone: checked first, so it is reported even when the
+        // call also exceeds max_num_tokens.
+        let fits_i32 = call
+            .num_tokens
+            .checked_mul(call.topk)
+            .is_some_and(|entries| entries as u128 <= MAX_INDEX);
+        if !fits_i32 {
+            return Err(ScratchMismatch::IndexOverflow {
+                num_tokens: call.num_tokens,
+                topk: call.topk,
+            });
+        }
+        if let Some(&(tensor, got)) = call.devices.iter().find(|(_, d)| *d != self.device) {
+            return Err(ScratchMismatch::Device {
+                tensor,
+                expected: self.device,
+                got,
+            });
+        }
+        if call.topk != self.topk {
+            return Err(ScratchMismatch::Topk {
+                expected: self.topk,
+                got: call.topk,
+            });
+        }
+        if call.num_tokens > self.max_num_tokens {
+            return Err(ScratchMismatch::TooManyTokens {
+                num_tokens: call.num_tokens,
+                max_num_tokens: self.max_num_tokens,
+            });
+        }
+        match call.expert_map_len {
+            Some(len) if len != self.num_experts => {
+                return Err(ScratchMismatch::NumExperts {
+                    expected: self.num_experts,
+                    got: len,
+                });
+            }
+            None if self.num_local_experts != self.num_experts => {
+                return Err(ScratchMismatch::MissingExpertMap {
+                    num_experts: self.num_experts,
+                    num_local_experts: self.num_local_experts,
+                });
+            }
+            _ => {}
+        }
+        if let Some(got) = call.rows {
+            let expected = self.rows.ok_or(ScratchMismatch::NoRowBuffer)?;
+            if got.hidden_size != expected.hidden_size {
+                return Err(ScratchMismatch::HiddenSize {
+                    expected: expected.hidden_size,
+                    got: got.hidden_size,
+                });
+            }
+            if got.dtype != expected.dtype {
+                return Err(ScratchMismatch::Dtype {
+                    expected: expected.dtype,
+                    got: got.dtype,
+                });
+            }
+            if got.scale_columns != expected.scale_columns {
+                return Err(ScratchMismatch::ScaleColumns {
+                    expected: expected.scale_columns,
+                    got: got.scale_columns,
+                });
+            }
+        }
+        if call.align && self.align_block_size.is_none() {
+            return Err(ScratchMismatch::NoAlignBuffers);
+        }
+        Ok(())
+    }
+
+    /// Whether every call this configuration accepts is also accepted by `self`, and
+    /// `self` owns at least the buffers `other` owns.
+    pub fn covers(&self, other: &ScratchConfig) -> bool {
+        self.max_num_tokens >= other.max_num_tokens
+            && self.topk == other.topk
+            && self.num_experts == other.num_experts
+            && self.num_local_experts == other.num_local_experts
+            && self.device == other.device
+            && (other.rows.is_none() || self.rows == other.rows)
+            && (other.align_block_size.is_none() || self.align_block_size == other.align_block_size)
+    }
+}

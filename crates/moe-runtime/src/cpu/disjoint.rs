@@ -1,0 +1,95 @@
+//! Parallel writes to distinct elements of one slice: the scatter half of permute.
+//!
+//! permute reads each source row once and writes it to its `K` destination rows,
+//! which lie anywhere in the permuted buffer. Safe Rust can split a slice only into
+//! contiguous pieces, so the scatter goes through this type: the placement computed
+//! by the counting sort gives every valid entry its own row, which is the proof that
+//! no two tasks write the same element. Bounds are always checked.
+
+use std::marker::PhantomData;
+
+/// A mutable slice shared by parallel tasks that each write their own elements.
+pub(super) struct DisjointSlice<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: the type is only a `&mut [T]` that several threads write through; every
+// write method requires its caller to guarantee no other thread touches the same
+// elements at the same time, which is what makes sending the writes to other
+// threads sound. `T: Send` because values are moved into the slice from any thread.
+unsafe impl<T: Send> Sync for DisjointSlice<'_, T> {}
+
+impl<'a, T: Copy> DisjointSlice<'a, T> {
+    pub(super) fn new(slice: &'a mut [T]) -> Self {
+        Self {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Writes `value` at `index`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes element `index` while the slice is shared.
+    #[inline(always)]
+    pub(super) unsafe fn write(&self, index: usize, value: T) {
+        assert!(index < self.len, "index {index} out of {}", self.len);
+        // SAFETY: `index` is in bounds (checked above) of the slice borrowed for 'a,
+        // and the caller guarantees this thread is its only user.
+        unsafe { self.ptr.add(index).write(value) }
+    }
+
+    /// Copies `src` into the elements `start..start + src.len()`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes those elements while the slice is shared.
+    #[inline(always)]
+    pub(super) unsafe fn copy_from(&self, start: usize, src: &[T]) {
+        assert!(
+            start <= self.len && src.len() <= self.len - start,
+            "range {start}..+{} out of {}",
+            src.len(),
+            self.len
+        );
+        // SAFETY: the destination range is in bounds (checked above), cannot overlap
+        // `src` (a shared borrow cannot alias the mutable borrow this type holds), and
+        // the caller guarantees this thread is its only user.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(start), src.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn parallel_scatter_writes_every_element_once() {
+        let n = 10_000usize;
+        // A permutation: i -> (i * 7919) mod n, bijective because 7919 is prime to n.
+        let mut out = vec![usize::MAX; n];
+        let dst = DisjointSlice::new(&mut out);
+        (0..n).into_par_iter().for_each(|i| {
+            // SAFETY: i -> i*7919 mod n is a bijection, so each index has one writer.
+            unsafe { dst.write((i * 7919) % n, i) }
+        });
+        for (j, &i) in out.iter().enumerate() {
+            assert_eq!((i * 7919) % n, j);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of")]
+    fn an_out_of_bounds_copy_panics_instead_of_writing() {
+        let mut out = [0u8; 8];
+        let dst = DisjointSlice::new(&mut out);
+        // SAFETY: single-threaded; the bounds check is what is under test.
+        unsafe { dst.copy_from(6, &[1, 2, 3]) }
+    }
+}

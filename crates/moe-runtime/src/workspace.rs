@@ -1,0 +1,113 @@
+//! One permute scratch shared by many users: every MoE layer of a model, or several
+//! expert backends, so that scratch memory does not grow with the layer count.
+
+use crate::{MoeError, PermuteScratch, Result, ScratchConfig};
+
+/// Holds one [`PermuteScratch`] for users that run one after another.
+///
+/// While unlocked, a request the current scratch cannot serve rebuilds it large enough
+/// for every request seen so far (warm-up). Once locked (before capturing CUDA graphs,
+/// whose recorded addresses must stay valid) it never reallocates: a request that
+/// would need more memory is an error.
+#[derive(Debug, Default)]
+pub struct ScratchWorkspace {
+    scratch: Option<PermuteScratch>,
+    locked: bool,
+}
+
+impl ScratchWorkspace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A scratch that serves `request`, built or grown if needed and allowed.
+    ///
+    /// Users of one workspace must agree on `topk`, the expert counts, the device and,
+    /// where both ask for them, the owned rows and align block size.
+    pub fn get(&mut self, request: &ScratchConfig) -> Result<&mut PermuteScratch> {
+        let merged = match &self.scratch {
+            Some(current) if current.config().covers(request) => None,
+            Some(current) => Some(merge(current.config(), request)?),
+            None => Some(request.clone()),
+        };
+        if let Some(merged) = merged {
+            if self.locked {
+                return Err(MoeError::WorkspaceLocked {
+                    reason: match &self.scratch {
+                        Some(current) => format!(
+                            "its scratch ({:?}) cannot serve {request:?}",
+                            current.config()
+                        ),
+                        None => "no scratch was built before locking".into(),
+                    },
+                });
+            }
+            // Release the old buffers first: peak memory stays one scratch.
+            self.scratch = None;
+            self.scratch = Some(PermuteScratch::new(merged)?);
+        }
+        Ok(self.scratch.as_mut().expect("built above when absent"))
+    }
+
+    /// The scratch, if one was built.
+    pub fn scratch(&self) -> Option<&PermuteScratch> {
+        self.scratch.as_ref()
+    }
+
+    /// Refuses any further growth.
+    pub fn lock(&mut self) {
+        self.locked = true;
+    }
+
+    /// Allows growth again (for example before a new warm-up at a larger batch size).
+    pub fn unlock(&mut self) {
+        self.locked = false;
+    }
+
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+}
+
+/// The smallest configuration that serves both, or the first field they disagree on.
+fn merge(current: &ScratchConfig, request: &ScratchConfig) -> Result<ScratchConfig> {
+    fn agree<T: PartialEq + std::fmt::Debug>(field: &'static str, a: &T, b: &T) -> Result<()> {
+        if a == b {
+            Ok(())
+        } else {
+            Err(MoeError::WorkspaceConflict {
+                field,
+                current: format!("{a:?}"),
+                requested: format!("{b:?}"),
+            })
+        }
+    }
+    fn either<T: PartialEq + std::fmt::Debug + Copy>(
+        field: &'static str,
+        a: Option<T>,
+        b: Option<T>,
+    ) -> Result<Option<T>> {
+        match (a, b) {
+            (Some(a), Some(b)) => agree(field, &a, &b).map(|()| Some(a)),
+            (a, b) => Ok(a.or(b)),
+        }
+    }
+    agree("topk", &current.topk, &request.topk)?;
+    agree("num_experts", &current.num_experts, &request.num_experts)?;
+    agree(
+        "num_local_experts",
+        &current.num_local_experts,
+        &request.num_local_experts,
+    )?;
+    agree("device", &current.device, &request.device)?;
+    Ok(ScratchConfig {
+        max_num_tokens: current.max_num_tokens.max(request.max_num_tokens),
+        rows: either("rows", current.rows, request.rows)?,
+        align_block_size: either(
+            "align_block_size",
+            current.align_block_size,
+            request.align_block_size,
+        )?,
+        ..current.clone()
+    })
+}
