@@ -1,7 +1,44 @@
 //! `#[repr(C)]` argument blocks shared by the kernels and the host launches.
 //!
-//! All counts are `u32`: the runtime validates every call first (`N*K` must fit in
-//! `i32`, see `moe-runtime`'s scratch validation), so no value here can overflow.
+//! Every kernel takes one of these by value (a PTX `.param` aggregate), so host and
+//! device read the same bytes through the same definition. Device pointers travel
+//! as `u64` (CUDA's `CUdeviceptr`); 0 means "absent" where a field says so. All counts
+//! are `u32`: the runtime validates every call first (`N*K` and every padded length
+//! fit in `i32`), so nothing here can overflow.
+
+/// Threads in a block of the routing kernels: 16 warps.
+pub const ROUTE_THREADS: u32 = 512;
+/// Warps in a block of the routing kernels.
+pub const ROUTE_WARPS: u32 = ROUTE_THREADS / 32;
+/// Entries one routing block sorts. A call with at most this many entries is routed
+/// by a single block, in a single launch.
+pub const ROUTE_CHUNK: u32 = 4096;
+/// The most local experts the routing kernels handle: their per-warp counters live in
+/// shared memory (`ROUTE_WARPS * MAX_LOCAL_EXPERTS` 16-bit counts).
+pub const MAX_LOCAL_EXPERTS: u32 = 1024;
+/// Threads in a block of the row kernels (permute rows, unpermute).
+pub const ROW_THREADS: u32 = 128;
+/// Vectors of a row each thread of `permute_rows_*` copies.
+pub const PERMUTE_VECTORS_PER_THREAD: u32 = 2;
+/// Vectors of a row each thread of `unpermute_*` sums.
+pub const UNPERMUTE_VECTORS_PER_THREAD: u32 = 1;
+
+/// Blocks a row kernel's grid aims at: enough to fill every multiprocessor of an
+/// H100 or H200 several times over.
+pub const ROW_GRID_TARGET: u32 = 1024;
+
+/// Blocks of [`ROW_THREADS`] that share one row of `vectors` vectors in a call of
+/// `num_tokens` tokens: as many as the row allows (`per_thread` vectors a thread) while
+/// the grid is small, so that one token's work still spreads over many
+/// multiprocessors; one block per row once there are enough tokens, so that large
+/// calls do not pay for many tiny blocks. A row kernel's grid is
+/// `num_tokens * blocks_per_row(..)`; each block strides over its share of the row.
+pub const fn blocks_per_row(vectors: u32, per_thread: u32, num_tokens: u32) -> u32 {
+    let most = vectors.div_ceil(ROW_THREADS * per_thread);
+    let wanted = ROW_GRID_TARGET.div_ceil(if num_tokens == 0 { 1 } else { num_tokens });
+    let blocks = if most < wanted { most } else { wanted };
+    if blocks == 0 { 1 } else { blocks }
+}
 
 /// The routing shape of one call: `N` tokens, each choosing `K` of `E` global experts,
 /// of which `L` live on this rank.
@@ -20,7 +57,7 @@ pub struct RoutingDims {
 
 impl RoutingDims {
     /// `N*K`: the number of `(token, choice)` entries, and the sentinel that marks a
-    /// dropped entry in `permuted_idx` and `sorted_ids`.
+    /// dropped entry in `inv_permuted_idx`, `permuted_idx` and `sorted_ids`.
     pub const fn num_entries(&self) -> u32 {
         self.num_tokens * self.topk
     }
@@ -40,34 +77,118 @@ pub struct RowLayout {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AlignDims {
-    /// Each expert's group is padded up to a multiple of this many rows.
+    /// Each expert's group is padded up to a multiple of this many rows; 1 for permute.
     pub block_size: u32,
-    /// Length of the `sorted_ids` view for this call: `N*K + min(L, N*K) * (block_size - 1)`.
+    /// Length of the `sorted_ids` view for this call:
+    /// `N*K + min(L, N*K) * (block_size - 1)`; 0 for permute.
     pub max_padded_rows: u32,
+}
+
+/// Arguments of the routing kernels (`route_count_*`, `route_scan`, `route_place_*`):
+/// the counting sort of entries by local expert, for permute or for align.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteParams {
+    pub dims: RoutingDims,
+    pub align: AlignDims,
+    /// Entries each block sorts: [`ROUTE_CHUNK`], or `N*K` when one block does all.
+    pub chunk_entries: u32,
+    /// Blocks of the count and place kernels: `ceil(N*K / chunk_entries)`.
+    pub num_chunks: u32,
+    /// `[N, K]` global expert ids, i32 or i64 as the kernel's name says.
+    pub topk_ids: u64,
+    /// `[E]` i32 global-to-local map; 0 when there is none (then `L == E`).
+    pub expert_map: u64,
+    /// `[num_chunks, L]` u32: counts per block, then each block's first row per expert.
+    /// Unused when `num_chunks == 1`.
+    pub chunk_counts: u64,
+    /// `[L + 1]` i64: first row of each expert (padded rows for align).
+    pub expert_offsets: u64,
+    /// permute: `[N*K]` i32 row of each entry, `N*K` when dropped.
+    pub inv_permuted_idx: u64,
+    /// permute: `[N*K]` i32 entry of each row, `N*K` after the valid rows.
+    pub permuted_idx: u64,
+    /// align: `[max_padded_rows]` i32.
+    pub sorted_ids: u64,
+    /// align: `[ceil(max_padded_rows / block_size)]` i32.
+    pub block_expert_ids: u64,
+    /// align: `[1]` i32, the padded row count.
+    pub num_rows_post_padded: u64,
+}
+
+/// Arguments of `permute_rows_*`: the scatter of each source row to its `K` rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PermuteRowsParams {
+    pub dims: RoutingDims,
+    pub layout: RowLayout,
+    /// `[N, H]` source rows.
+    pub hidden_states: u64,
+    /// `[N, S]` f32 scales; 0 when `scale_columns == 0`.
+    pub scales: u64,
+    /// `[N*K]` i32 from the routing kernels.
+    pub inv_permuted_idx: u64,
+    /// `[L + 1]` i64 from the routing kernels: the last element is the valid count.
+    pub expert_offsets: u64,
+    /// `[N*K, H]` destination rows.
+    pub permuted_hidden_states: u64,
+    /// `[N*K, S]` destination scales; 0 when `scale_columns == 0`.
+    pub permuted_scales: u64,
+}
+
+/// Arguments of `unpermute_*`: each token's weighted sum of its kept expert rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnpermuteParams {
+    /// `N` tokens of `K` entries.
+    pub num_tokens: u32,
+    pub topk: u32,
+    /// `H`, elements in a row.
+    pub hidden_size: u32,
+    /// Rows of `permuted_hidden_states`: the valid count is clamped to it.
+    pub num_rows: u32,
+    /// Elements of `expert_offsets` (`L + 1`): its last element is the valid count.
+    pub num_offsets: u32,
+    /// Explicit padding: the block has no implicit padding bytes.
+    pub _pad: u32,
+    /// `[R, H]` expert outputs in permuted order.
+    pub permuted_hidden_states: u64,
+    /// `[N*K]` i32.
+    pub inv_permuted_idx: u64,
+    /// `[L + 1]` i64.
+    pub expert_offsets: u64,
+    /// `[N*K]` f32.
+    pub topk_weights: u64,
+    /// `[N, H]` output.
+    pub output: u64,
 }
 
 // Kernel arguments are copied byte for byte into the launch; pin their layout.
 const _: () = {
-    assert!(core::mem::size_of::<RoutingDims>() == 16);
-    assert!(core::mem::align_of::<RoutingDims>() == 4);
-    assert!(core::mem::size_of::<RowLayout>() == 8);
-    assert!(core::mem::align_of::<RowLayout>() == 4);
-    assert!(core::mem::size_of::<AlignDims>() == 8);
-    assert!(core::mem::align_of::<AlignDims>() == 4);
+    use core::mem::{align_of, size_of};
+    assert!(size_of::<RoutingDims>() == 16 && align_of::<RoutingDims>() == 4);
+    assert!(size_of::<RowLayout>() == 8 && align_of::<RowLayout>() == 4);
+    assert!(size_of::<AlignDims>() == 8 && align_of::<AlignDims>() == 4);
+    assert!(size_of::<RouteParams>() == 104 && align_of::<RouteParams>() == 8);
+    assert!(size_of::<PermuteRowsParams>() == 72 && align_of::<PermuteRowsParams>() == 8);
+    assert!(size_of::<UnpermuteParams>() == 64 && align_of::<UnpermuteParams>() == 8);
+    assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
+    // Per-warp counts are 16-bit: a warp's share of a chunk must fit.
+    assert!(ROUTE_CHUNK / ROUTE_WARPS <= u16::MAX as u32);
 };
 
-#[cfg(test)]
-mod tests {
+/// The blocks cross to the GPU as kernel arguments through cudarc (host side only).
+#[cfg(all(feature = "cudarc", not(target_arch = "nvptx64")))]
+mod device_repr {
     use super::*;
 
-    #[test]
-    fn num_entries_is_tokens_times_topk() {
-        let dims = RoutingDims {
-            num_tokens: 37,
-            topk: 6,
-            num_experts: 64,
-            num_local_experts: 16,
-        };
-        assert_eq!(dims.num_entries(), 222);
-    }
+    // The three blocks are `#[repr(C)]`, `Copy`, integers only with no implicit padding
+    // (`UnpermuteParams` names its padding), and have the layout of the kernels'
+    // parameter since the kernels are compiled from this same definition.
+    // SAFETY: as said above.
+    unsafe impl cudarc::driver::DeviceRepr for RouteParams {}
+    // SAFETY: as above.
+    unsafe impl cudarc::driver::DeviceRepr for PermuteRowsParams {}
+    // SAFETY: as above.
+    unsafe impl cudarc::driver::DeviceRepr for UnpermuteParams {}
 }

@@ -1,0 +1,55 @@
+//! The kernels, compiled for `nvptx64-nvidia-cuda` only.
+//!
+//! Each `extern "ptx-kernel"` entry point is a thin, monomorphic wrapper over a
+//! generic body in `route` or `rows`, named by [`crate::kernels`]; its one argument is
+//! a `#[repr(C)]` block from [`crate::params`] passed by value.
+
+mod intrinsics;
+mod route;
+mod rows;
+
+use crate::params::{PermuteRowsParams, RouteParams, UnpermuteParams};
+use rows::{BF16, F16, F32, V16};
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    // SAFETY: aborts the kernel; the host sees a launch failure.
+    unsafe { core::arch::nvptx::trap() }
+}
+
+/// Defines kernel entry points: `name(p: Params) => body using p`.
+macro_rules! kernels {
+    ($($name:ident($p:ident: $params:ty) => $body:expr;)*) => {$(
+        /// # Safety
+        /// Launched by `moe-runtime` with the grid and buffers its launch code sizes.
+        #[allow(unreachable_pub)] // exported by name from the PTX module
+        #[unsafe(no_mangle)]
+        pub unsafe extern "ptx-kernel" fn $name($p: $params) {
+            let $p = &$p;
+            // SAFETY: the host validated the call and sized every buffer of the params.
+            unsafe { $body }
+        }
+    )*};
+}
+
+kernels! {
+    route_count_i32(p: RouteParams) => route::route_count::<i32, false>(p);
+    route_count_i64(p: RouteParams) => route::route_count::<i64, false>(p);
+    route_count_align_i32(p: RouteParams) => route::route_count::<i32, true>(p);
+    route_count_align_i64(p: RouteParams) => route::route_count::<i64, true>(p);
+    route_scan(p: RouteParams) => route::route_scan(p, false);
+    route_scan_align(p: RouteParams) => route::route_scan(p, true);
+    route_place_i32(p: RouteParams) => route::route_place::<i32, false>(p);
+    route_place_i64(p: RouteParams) => route::route_place::<i64, false>(p);
+    route_place_align_i32(p: RouteParams) => route::route_place::<i32, true>(p);
+    route_place_align_i64(p: RouteParams) => route::route_place::<i64, true>(p);
+    permute_rows_v16(p: PermuteRowsParams) => rows::permute_rows::<V16>(p);
+    permute_rows_v4(p: PermuteRowsParams) => rows::permute_rows::<u32>(p);
+    permute_rows_v1(p: PermuteRowsParams) => rows::permute_rows::<u8>(p);
+    unpermute_f32_v16(p: UnpermuteParams) => rows::unpermute::<F32, 4, true>(p);
+    unpermute_f32_v1(p: UnpermuteParams) => rows::unpermute::<F32, 1, false>(p);
+    unpermute_f16_v16(p: UnpermuteParams) => rows::unpermute::<F16, 8, true>(p);
+    unpermute_f16_v1(p: UnpermuteParams) => rows::unpermute::<F16, 1, false>(p);
+    unpermute_bf16_v16(p: UnpermuteParams) => rows::unpermute::<BF16, 8, true>(p);
+    unpermute_bf16_v1(p: UnpermuteParams) => rows::unpermute::<BF16, 1, false>(p);
+}

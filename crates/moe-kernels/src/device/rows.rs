@@ -1,0 +1,254 @@
+//! The row kernels: permute's scatter and unpermute's weighted gather.
+//!
+//! Both cut each token's row over [`blocks_per_row`] blocks of
+//! [`ROW_THREADS`](crate::ROW_THREADS), each thread a few vectors of the row: 16 bytes
+//! when every row and base address allows it (`*_v16`), else 4 bytes or 1 byte
+//! (permute) or one element (unpermute). Several blocks per token keep even one
+//! token's work spread over many multiprocessors.
+
+use super::intrinsics::*;
+use crate::params::{
+    PERMUTE_VECTORS_PER_THREAD, PermuteRowsParams, UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams,
+    blocks_per_row,
+};
+
+/// Rows whose `K` loads unpermute issues before it sums them: loads in flight.
+const LOADS_IN_FLIGHT: usize = 4;
+
+/// 16 bytes with 16-byte alignment: loads and stores become `ld/st.global.v4`.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct V16(pub(crate) [u32; 4]);
+
+/// The valid row count `expert_offsets[n - 1]`, clamped to `0..=limit`.
+///
+/// # Safety
+/// `offsets` points to `n >= 1` i64.
+#[inline(always)]
+unsafe fn valid_rows(offsets: u64, n: u32, limit: u32) -> u32 {
+    // SAFETY: the caller guarantees `n >= 1` elements.
+    let valid = unsafe { *(offsets as *const i64).add(n as usize - 1) };
+    valid.clamp(0, limit as i64) as u32
+}
+
+/// Copies this block's share of source row `t` to rows `inv[t*K + k]` that are valid,
+/// reading it once; the token's first block also copies its scales.
+///
+/// # Safety
+/// Launched with `N * blocks_per_row(row vectors, PERMUTE_VECTORS_PER_THREAD, N)` blocks
+/// of `ROW_THREADS`; `V` divides `row_bytes` and the rows' alignment; buffers sized by
+/// the host for this call.
+#[inline(always)]
+pub(crate) unsafe fn permute_rows<V: Copy + Default>(p: &PermuteRowsParams) {
+    const UNROLL: usize = PERMUTE_VECTORS_PER_THREAD as usize;
+    let topk = p.dims.topk;
+    let entries = p.dims.num_entries();
+    let row_bytes = p.layout.row_bytes as usize;
+    let vectors = (row_bytes / size_of::<V>()) as u32;
+    let parts = blocks_per_row(vectors, PERMUTE_VECTORS_PER_THREAD, p.dims.num_tokens);
+    let token = block() / parts;
+    let stride = parts * ROW_THREADS_U * UNROLL as u32;
+    // SAFETY: `token < N`, `k < K`, vectors within the row, rows below the valid count
+    // which is clamped to the `N*K` rows of the destination.
+    unsafe {
+        let valid = valid_rows(p.expert_offsets, p.dims.num_local_experts + 1, entries);
+        let inv = (p.inv_permuted_idx as *const i32).add((token * topk) as usize);
+        let src = (p.hidden_states as *const u8).add(token as usize * row_bytes) as *const V;
+        let mut first = (block() % parts) * ROW_THREADS_U * UNROLL as u32 + thread();
+        while first < vectors {
+            let mut x = [V::default(); UNROLL];
+            for (j, x) in x.iter_mut().enumerate() {
+                let v = first + j as u32 * ROW_THREADS_U;
+                if v < vectors {
+                    *x = *src.add(v as usize);
+                }
+            }
+            for k in 0..topk {
+                let row = *inv.add(k as usize) as u32;
+                if row < valid {
+                    let dst = (p.permuted_hidden_states as *mut u8).add(row as usize * row_bytes)
+                        as *mut V;
+                    for (j, x) in x.iter().enumerate() {
+                        let v = first + j as u32 * ROW_THREADS_U;
+                        if v < vectors {
+                            *dst.add(v as usize) = *x;
+                        }
+                    }
+                }
+            }
+            first += stride;
+        }
+        // The token's scales travel with it, copied by its first block.
+        let columns = p.layout.scale_columns;
+        if block() % parts == 0 {
+            let mut s = thread();
+            while s < columns {
+                let scale = *(p.scales as *const f32).add((token * columns + s) as usize);
+                for k in 0..topk {
+                    let row = *inv.add(k as usize) as u32;
+                    if row < valid {
+                        *(p.permuted_scales as *mut f32).add((row * columns + s) as usize) = scale;
+                    }
+                }
+                s += ROW_THREADS_U;
+            }
+        }
+    }
+}
+
+const ROW_THREADS_U: u32 = crate::params::ROW_THREADS;
+
+/// An element type unpermute sums in f32: its bits, widened and narrowed.
+pub(crate) trait Float: Copy + Default {
+    fn widen(self) -> f32;
+    fn narrow(value: f32) -> Self;
+}
+
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+pub(crate) struct F32(u32);
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+pub(crate) struct F16(u16);
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+pub(crate) struct BF16(u16);
+
+impl Float for F32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(self.0)
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        Self(value.to_bits())
+    }
+}
+
+impl Float for F16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f16_to_f32(self.0)
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        Self(f32_to_f16(value))
+    }
+}
+
+impl Float for BF16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        Self(f32_to_bf16(value))
+    }
+}
+
+/// `N` elements, 16-byte aligned when `N * size_of::<T>() == 16`.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct Packet<T, const N: usize>([T; N]);
+
+/// Loads `N` elements at `ptr`: as one 16-byte vector when `VEC`, else one by one.
+///
+/// # Safety
+/// `ptr` points to `N` elements, 16-byte aligned when `VEC`.
+#[inline(always)]
+unsafe fn load<T: Copy + Default, const N: usize, const VEC: bool>(ptr: *const T) -> [T; N] {
+    // SAFETY: the caller guarantees the elements and the alignment.
+    unsafe {
+        if VEC {
+            (*(ptr as *const Packet<T, N>)).0
+        } else {
+            let mut out = [T::default(); N];
+            for j in 0..N {
+                out[j] = *ptr.add(j);
+            }
+            out
+        }
+    }
+}
+
+/// Stores `N` elements at `ptr`, like [`load`].
+///
+/// # Safety
+/// As for [`load`].
+#[inline(always)]
+unsafe fn store<T: Copy, const N: usize, const VEC: bool>(ptr: *mut T, value: [T; N]) {
+    // SAFETY: the caller guarantees the elements and the alignment.
+    unsafe {
+        if VEC {
+            *(ptr as *mut Packet<T, N>) = Packet(value);
+        } else {
+            for j in 0..N {
+                *ptr.add(j) = value[j];
+            }
+        }
+    }
+}
+
+/// `out[t] = sum over kept k of w[t,k] * permuted[inv[t*K+k]]` for this thread's `N`
+/// elements of token `t`: f32 accumulation in ascending `k` (a multiply and an add,
+/// each rounded, as on the CPU), one rounding to `T`, one write per element.
+///
+/// # Safety
+/// Launched with `tokens * blocks_per_row(H / N, UNPERMUTE_VECTORS_PER_THREAD, tokens)`
+/// blocks of `ROW_THREADS`; `N` divides `H`; 16-byte alignment of every row when
+/// `VEC`; buffers sized by the host for this call.
+#[inline(always)]
+pub(crate) unsafe fn unpermute<T: Float, const N: usize, const VEC: bool>(p: &UnpermuteParams) {
+    let topk = p.topk as usize;
+    let hidden = p.hidden_size as usize;
+    let vectors = (hidden / N) as u32;
+    let parts = blocks_per_row(vectors, UNPERMUTE_VECTORS_PER_THREAD, p.num_tokens);
+    let token = block() / parts;
+    // SAFETY: `token < N`, `k < K`, rows below the valid count clamped to the rows
+    // given, elements within the row.
+    unsafe {
+        let valid = valid_rows(p.expert_offsets, p.num_offsets, p.num_rows);
+        let inv = (p.inv_permuted_idx as *const i32).add(token as usize * topk);
+        let weights = (p.topk_weights as *const f32).add(token as usize * topk);
+        let permuted = p.permuted_hidden_states as *const T;
+        let mut v = (block() % parts) * ROW_THREADS_U + thread();
+        while v < vectors {
+            let column = v as usize * N;
+            // Constant indices only: the arrays stay in registers (no local memory).
+            let mut acc = [0.0f32; N];
+            let mut k = 0;
+            while k < topk {
+                // Issue up to LOADS_IN_FLIGHT rows' loads, then sum them in ascending k.
+                let mut x = [[T::default(); N]; LOADS_IN_FLIGHT];
+                let mut w = [0.0f32; LOADS_IN_FLIGHT];
+                let mut kept = [false; LOADS_IN_FLIGHT];
+                for j in 0..LOADS_IN_FLIGHT {
+                    if k + j < topk {
+                        let row = *inv.add(k + j) as u32;
+                        if row < valid {
+                            kept[j] = true;
+                            w[j] = *weights.add(k + j);
+                            x[j] = load::<T, N, VEC>(permuted.add(row as usize * hidden + column));
+                        }
+                    }
+                }
+                for j in 0..LOADS_IN_FLIGHT {
+                    if kept[j] {
+                        for e in 0..N {
+                            acc[e] += w[j] * x[j][e].widen();
+                        }
+                    }
+                }
+                k += LOADS_IN_FLIGHT;
+            }
+            let mut narrow = [T::default(); N];
+            for e in 0..N {
+                narrow[e] = T::narrow(acc[e]);
+            }
+            let out = (p.output as *mut T).add(token as usize * hidden + column);
+            store::<T, N, VEC>(out, narrow);
+            v += parts * ROW_THREADS_U;
+        }
+    }
+}
