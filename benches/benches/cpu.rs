@@ -123,7 +123,7 @@ fn permute(c: &mut Criterion) {
                     let owned =
                         cpu::permute_alloc(black_box(&input), shape.num_experts, shape.num_experts)
                             .unwrap();
-                    black_box(owned.output().num_valid_rows());
+                    black_box(owned.output().unwrap().num_valid_rows());
                 })
             });
         }
@@ -142,7 +142,7 @@ fn unpermute(c: &mut Criterion) {
                 TopkIds::new(&x.ids, shape.topk).unwrap(),
             );
             let owned = cpu::permute_alloc(&input, shape.num_experts, shape.num_experts).unwrap();
-            let routed = owned.output();
+            let routed = owned.output().unwrap();
             // Expert outputs: the permuted rows stand in for them.
             let unpermute = UnpermuteInput {
                 permuted_hidden_states: routed.permuted_hidden_states.as_slice::<bf16>().unwrap(),

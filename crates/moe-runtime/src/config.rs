@@ -12,6 +12,12 @@ use crate::{ConfigError, DType, Device, ScratchMismatch};
 /// `sorted_ids` are `i32`, and `N*K` is itself the sentinel for dropped entries.
 const MAX_INDEX: u128 = i32::MAX as u128;
 
+/// Length of align's `sorted_ids` for `entries` entries: each of the at most
+/// `min(L, entries)` non-empty experts adds at most `block_size - 1` padding rows.
+pub(crate) fn max_padded_rows(entries: usize, num_local: usize, block_size: usize) -> usize {
+    entries + entries.min(num_local) * (block_size - 1)
+}
+
 /// The permuted hidden states a scratch owns (the Humming-style backends' case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RowSpec {

@@ -59,6 +59,8 @@ pub enum ConfigError {
     LocalExperts { local: usize, global: usize },
     #[error("num_experts {0} does not fit in i32")]
     TooManyExperts(usize),
+    #[error("{local} local experts: the CUDA kernels handle at most {max}")]
+    TooManyLocalExperts { local: usize, max: usize },
     #[error("hidden_size must be at least 1")]
     ZeroHiddenSize,
     #[error("align block_size must be at least 1")]
@@ -106,6 +108,8 @@ pub enum MoeError {
     },
     #[error("cannot allocate {bytes} bytes for the scratch's {buffer}")]
     OutOfMemory { buffer: &'static str, bytes: u128 },
+    #[error("CUDA driver error while trying to {action}: {error}")]
+    Driver { action: &'static str, error: String },
     #[error("{device} is not available: {reason}")]
     DeviceUnavailable { device: Device, reason: String },
     #[error(

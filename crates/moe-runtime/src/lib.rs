@@ -43,6 +43,7 @@
 
 mod config;
 pub mod cpu;
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;

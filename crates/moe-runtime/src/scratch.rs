@@ -1,6 +1,9 @@
 //! The permute scratch: every intermediate buffer of permute and align, built once.
 
+use std::sync::Arc;
+
 use crate::cpu::CpuBuffers;
+use crate::cuda::{CudaBuffers, CudaDevice};
 use crate::{CallShape, Device, MoeError, Result, ScratchConfig, ScratchMismatch};
 
 /// Pre-allocated buffers for permute and align, built once from a [`ScratchConfig`]
@@ -19,22 +22,37 @@ pub struct PermuteScratch {
 /// The scratch's memory, on its device.
 #[derive(Debug)]
 enum Storage {
-    Cpu(CpuBuffers),
+    // Boxed: both hold a dozen buffers, and a scratch is built once.
+    Cpu(Box<CpuBuffers>),
+    Cuda(Box<CudaBuffers>),
 }
 
 impl PermuteScratch {
-    /// Checks `config` and allocates every buffer it implies on `config.device`.
+    /// Checks `config` and allocates every buffer it implies on `config.device`; a
+    /// CUDA scratch opens the device with a stream of its own ([`CudaDevice::new`]).
     pub fn new(config: ScratchConfig) -> Result<Self> {
         config.check()?;
         let storage = match config.device {
-            Device::Cpu => Storage::Cpu(CpuBuffers::new(&config)?),
-            device @ Device::Cuda(_) => {
-                return Err(MoeError::DeviceUnavailable {
-                    device,
-                    reason: "this build of moe-runtime has no CUDA device".into(),
-                });
+            Device::Cpu => Storage::Cpu(Box::new(CpuBuffers::new(&config)?)),
+            Device::Cuda(ordinal) => {
+                return Self::with_cuda_device(config, CudaDevice::new(ordinal)?);
             }
         };
+        Ok(Self { config, storage })
+    }
+
+    /// A CUDA scratch on `device`, whose stream every call with it will use (a
+    /// serving stack's own stream, through [`CudaDevice::with_stream`]).
+    pub fn with_cuda_device(config: ScratchConfig, device: Arc<CudaDevice>) -> Result<Self> {
+        config.check()?;
+        if config.device != device.device() {
+            return Err(MoeError::Scratch(ScratchMismatch::Device {
+                tensor: "the scratch's CUDA device",
+                expected: config.device,
+                got: device.device(),
+            }));
+        }
+        let storage = Storage::Cuda(Box::new(CudaBuffers::new(&config, device)?));
         Ok(Self { config, storage })
     }
 
@@ -55,19 +73,48 @@ impl PermuteScratch {
     pub fn allocated_bytes(&self) -> usize {
         match &self.storage {
             Storage::Cpu(buffers) => buffers.allocated_bytes(),
+            Storage::Cuda(buffers) => buffers.allocated_bytes(),
         }
     }
 
-    /// The host buffers, once a call on the CPU has been validated against the scratch.
-    pub(crate) fn cpu_buffers(&mut self) -> (&ScratchConfig, &mut CpuBuffers) {
-        match &mut self.storage {
-            Storage::Cpu(buffers) => (&self.config, buffers),
-        }
-    }
-
-    pub(crate) fn cpu_buffers_ref(&self) -> &CpuBuffers {
+    /// The CUDA device of a CUDA scratch.
+    pub fn cuda_device(&self) -> Option<&Arc<CudaDevice>> {
         match &self.storage {
-            Storage::Cpu(buffers) => buffers,
+            Storage::Cuda(buffers) => Some(&buffers.device),
+            Storage::Cpu(_) => None,
         }
     }
+
+    /// The host buffers, once a CPU call has been validated against the scratch.
+    /// Validation checked the devices, so a mismatch here is reported, not hidden.
+    pub(crate) fn cpu_buffers(&mut self) -> Result<(&ScratchConfig, &mut CpuBuffers)> {
+        let expected = self.config.device;
+        match &mut self.storage {
+            Storage::Cpu(buffers) => Ok((&self.config, buffers)),
+            Storage::Cuda(_) => Err(wrong_storage(expected, Device::Cpu)),
+        }
+    }
+
+    pub(crate) fn cpu_buffers_ref(&self) -> Result<&CpuBuffers> {
+        match &self.storage {
+            Storage::Cpu(buffers) => Ok(buffers),
+            Storage::Cuda(_) => Err(wrong_storage(self.config.device, Device::Cpu)),
+        }
+    }
+
+    /// The device buffers, once a CUDA call has been validated against the scratch.
+    pub(crate) fn cuda_buffers(&self) -> Result<(&ScratchConfig, &CudaBuffers)> {
+        match &self.storage {
+            Storage::Cuda(buffers) => Ok((&self.config, buffers)),
+            Storage::Cpu(_) => Err(wrong_storage(self.config.device, Device::Cuda(0))),
+        }
+    }
+}
+
+fn wrong_storage(expected: Device, got: Device) -> MoeError {
+    MoeError::Scratch(ScratchMismatch::Device {
+        tensor: "the call",
+        expected,
+        got,
+    })
 }

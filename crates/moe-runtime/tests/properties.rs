@@ -961,7 +961,7 @@ fn permute_alloc_case<T: TestElem>(
     let case = make_case::<T>(p, h, columns, seed);
     let input = make_input(&case.routing, &case.data, h, &case.scales, columns)?;
     let owned = lib(cpu::permute_alloc(&input, p.e, p.l), "permute_alloc")?;
-    let alloc = owned.output();
+    let alloc = owned.output().unwrap();
     check_output::<T>(&alloc, &case.expected, h, columns)
         .map_err(|e| TestCaseError::fail(format!("permute_alloc: {e}")))?;
 
@@ -1103,7 +1103,7 @@ fn unpermute_case<T: Float>(
         cpu::permute_alloc(&permute_input, p.e, p.l),
         "permute_alloc",
     )?;
-    let permuted_out = owned.output();
+    let permuted_out = owned.output().unwrap();
     let permuted_rows = lib(
         permuted_out.permuted_hidden_states.as_slice::<T>(),
         "as_slice",
@@ -1288,7 +1288,7 @@ fn reference_matches_a_hand_worked_example() {
     let data = [10.0f32, 11.0, 20.0, 21.0, 30.0, 31.0];
     let input = make_input(&routing, &data, 2, &[], 0).unwrap();
     let owned = cpu::permute_alloc(&input, 4, 2).unwrap();
-    let out = owned.output();
+    let out = owned.output().unwrap();
     assert_eq!(out.expert_first_token_offset, [0, 2, 4]);
     assert_eq!(out.inv_permuted_idx, [0, 2, 6, 1, 6, 3]);
     assert_eq!(out.permuted_idx, [0, 3, 1, 5, 6, 6]);

@@ -1,9 +1,9 @@
 //! align on the CPU: the index-only permute, padded per expert to a block size.
 
-use super::buffers::max_padded_rows;
 use super::disjoint::DisjointSlice;
 use super::permute::check_expert_map;
 use super::routing::{self, Chunks};
+use crate::config::max_padded_rows;
 use crate::{CallShape, Device, PermuteScratch, Result, ScratchMismatch, TopkIds};
 
 /// The outputs of align: views sized for this call's `N`.
@@ -37,7 +37,7 @@ pub fn align<'s>(
         align: true,
         devices: &[("topk_ids", Device::Cpu)],
     })?;
-    let (config, buffers) = scratch.cpu_buffers();
+    let (config, buffers) = scratch.cpu_buffers()?;
     let num_local = config.num_local_experts;
     check_expert_map(expert_map, num_local)?;
     let Some(block_size) = config.align_block_size else {

@@ -1,5 +1,6 @@
 //! The host memory a CPU permute scratch owns.
 
+use crate::config::max_padded_rows;
 use crate::{MoeError, Result, ScratchConfig};
 
 /// Chunks the index work is cut into, per thread of the pool: enough to balance
@@ -119,10 +120,4 @@ impl CpuBuffers {
             + size_of_val(&align.block_expert_ids[..])
             + size_of_val(&align.padded_first_row[..])
     }
-}
-
-/// Length of align's `sorted_ids` for `entries` entries: each of the at most
-/// `min(L, entries)` non-empty experts adds at most `block_size - 1` padding rows.
-pub(crate) fn max_padded_rows(entries: usize, num_local: usize, block_size: usize) -> usize {
-    entries + entries.min(num_local) * (block_size - 1)
 }

@@ -135,7 +135,7 @@ pub fn permute<'s>(
     input.check_shapes()?;
     let spec = input.row_spec();
     scratch.validate(&input.call_shape(Some(spec)))?;
-    let (config, buffers) = scratch.cpu_buffers();
+    let (config, buffers) = scratch.cpu_buffers()?;
     check_expert_map(input.expert_map, config.num_local_experts)?;
     let entries = input.topk_ids.ids().len();
     let CpuBuffers {
@@ -195,7 +195,7 @@ pub fn permute_into<'o>(
         }
     };
     let rows = &mut rows[..entries * spec.row_bytes()];
-    let (config, buffers) = scratch.cpu_buffers();
+    let (config, buffers) = scratch.cpu_buffers()?;
     check_expert_map(input.expert_map, config.num_local_experts)?;
     compute(config, &mut buffers.index, input, rows, scales);
     Ok(views(config, &buffers.index, spec, rows, scales))
@@ -209,13 +209,13 @@ pub struct PermutedOwned {
 }
 
 impl PermutedOwned {
-    pub fn output(&self) -> PermuteOutput<'_> {
+    pub fn output(&self) -> Result<PermuteOutput<'_>> {
         let config = self.scratch.config();
-        let buffers = self.scratch.cpu_buffers_ref();
+        let buffers = self.scratch.cpu_buffers_ref()?;
         let entries = config.max_entries();
         let rows = &bytemuck::cast_slice(&buffers.permuted_rows)[..entries * self.spec.row_bytes()];
         let scales = &buffers.permuted_scales[..entries * self.spec.scale_columns];
-        views(config, &buffers.index, self.spec, rows, scales)
+        Ok(views(config, &buffers.index, self.spec, rows, scales))
     }
 }
 

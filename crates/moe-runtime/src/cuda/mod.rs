@@ -1,0 +1,31 @@
+//! The CUDA device: the same operations as [`crate::cpu`], as kernels queued on a
+//! stream.
+//!
+//! The driver is loaded when the program runs (cudarc), so this module builds
+//! everywhere; where there is no driver or no GPU, [`CudaDevice::new`] returns
+//! [`MoeError::DeviceUnavailable`](crate::MoeError::DeviceUnavailable) and callers
+//! use the CPU. With a scratch, a call validates on the host, queues its kernels and
+//! returns device views: it allocates nothing and never waits for the GPU, so calls
+//! can be captured in a CUDA graph and replayed.
+
+mod align;
+mod buffers;
+mod device;
+mod launch;
+mod memory;
+mod permute;
+mod unpermute;
+
+pub(crate) use buffers::CudaBuffers;
+
+pub use align::{DeviceAlignOutput, align};
+pub use device::CudaDevice;
+pub use memory::{
+    DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,
+    DeviceViewMut,
+};
+pub use permute::{
+    DevicePermuteDest, DevicePermuteInput, DevicePermuteOutput, DevicePermutedOwned, permute,
+    permute_alloc, permute_into,
+};
+pub use unpermute::{DeviceUnpermuteInput, unpermute, unpermute_into};
