@@ -194,6 +194,6 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = copy, permute, unpermute
+    targets = permute, unpermute, copy
 }
 criterion_main!(benches);
