@@ -54,6 +54,11 @@ impl ScratchWorkspace {
         self.scratch.as_ref()
     }
 
+    /// The scratch for a call, if one was built.
+    pub fn scratch_mut(&mut self) -> Option<&mut PermuteScratch> {
+        self.scratch.as_mut()
+    }
+
     /// Refuses any further growth.
     pub fn lock(&mut self) {
         self.locked = true;

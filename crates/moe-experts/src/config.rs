@@ -1,0 +1,35 @@
+//! The shape and routing settings of one MoE block.
+
+use crate::{ExpertsError, Result};
+
+/// What a MoE block is: sizes and the router's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// `H`.
+    pub hidden_size: usize,
+    /// `I`, each expert's intermediate size.
+    pub intermediate_size: usize,
+    /// `E`.
+    pub num_experts: usize,
+    /// `K`, experts per token.
+    pub top_k: usize,
+    /// Renormalise the `K` chosen probabilities to sum to 1 (Mixtral always does;
+    /// Qwen2/Qwen3-MoE take it from `norm_topk_prob`).
+    pub norm_topk_prob: bool,
+}
+
+impl MoeConfig {
+    pub fn check(&self) -> Result<()> {
+        let bad = |what: &str| Err(ExpertsError::Config(what.to_string()));
+        if self.hidden_size == 0 || self.intermediate_size == 0 {
+            return bad("hidden_size and intermediate_size must be at least 1");
+        }
+        if self.num_experts == 0 {
+            return bad("num_experts must be at least 1");
+        }
+        if self.top_k == 0 || self.top_k > self.num_experts {
+            return bad("top_k must be in 1..=num_experts");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,29 @@
+//! Expert backends and the whole MoE block, on top of moe-permute's runtime.
+//!
+//! A block routes each token (softmax over the router's logits, top-k, optional
+//! renormalisation), runs each token's `K` experts (`down(SiLU(gate(x)) * up(x))`) and
+//! sums their outputs, weighted. The experts run through a backend that takes its
+//! permute scratch from a [`SharedWorkspace`], lazily, on first use
+//! (`get_permute_scratch()`): the backends of every layer can share one workspace, so
+//! scratch memory does not grow with the layer count.
+//!
+//! Weights and activations are bf16, every GEMM accumulates in f32, and values are
+//! rounded to bf16 where a bf16 tensor would hold them (each GEMM's output and the
+//! activation), on the CPU and the GPU alike.
+
+mod block;
+mod config;
+pub mod cpu;
+mod error;
+mod mlp;
+mod router;
+mod shared;
+mod weights;
+
+pub use block::{BlockOutput, CpuMoeBlock, ExpertsKind};
+pub use config::MoeConfig;
+pub use error::{ExpertsError, Result};
+pub use mlp::CpuWeights;
+pub use router::route;
+pub use shared::{ScratchGuard, SharedWorkspace};
+pub use weights::{Layout, MoeWeights};

@@ -1,0 +1,234 @@
+//! One MoE layer's weights, in host memory, loaded from a Hugging Face safetensors
+//! checkpoint or made up for tests and benchmarks.
+
+use half::bf16;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::{ExpertsError, MoeConfig, Result};
+
+/// How a checkpoint names the tensors of a MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `{p}.block_sparse_moe.gate`, `{p}.block_sparse_moe.experts.{e}.w1` (gate),
+    /// `w3` (up), `w2` (down).
+    Mixtral,
+    /// `{p}.mlp.gate`, `{p}.mlp.experts.{e}.gate_proj`, `up_proj`, `down_proj`
+    /// (Qwen2-MoE, Qwen3-MoE).
+    QwenMoe,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Mixtral => "Mixtral",
+            Layout::QwenMoe => "Qwen-MoE",
+        }
+    }
+
+    /// The router's weight `[E, H]`.
+    pub fn router(self, prefix: &str) -> String {
+        match self {
+            Layout::Mixtral => format!("{prefix}.block_sparse_moe.gate.weight"),
+            Layout::QwenMoe => format!("{prefix}.mlp.gate.weight"),
+        }
+    }
+
+    /// Expert `e`'s gate, up and down projections.
+    pub fn expert(self, prefix: &str, expert: usize) -> [String; 3] {
+        match self {
+            Layout::Mixtral => ["w1", "w3", "w2"]
+                .map(|w| format!("{prefix}.block_sparse_moe.experts.{expert}.{w}.weight")),
+            Layout::QwenMoe => ["gate_proj", "up_proj", "down_proj"]
+                .map(|w| format!("{prefix}.mlp.experts.{expert}.{w}.weight")),
+        }
+    }
+}
+
+/// The weights of one MoE layer, bf16, row-major as `nn.Linear` stores them.
+#[derive(Clone, Debug)]
+pub struct MoeWeights {
+    /// `H`, `I` and `E` (routing settings are not part of a checkpoint's tensors).
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_experts: usize,
+    /// `[E, H]`.
+    pub router: Vec<bf16>,
+    /// `[E, I, H]`.
+    pub gate_proj: Vec<bf16>,
+    /// `[E, I, H]`.
+    pub up_proj: Vec<bf16>,
+    /// `[E, H, I]`.
+    pub down_proj: Vec<bf16>,
+}
+
+impl MoeWeights {
+    /// Reads one layer, chosen by `prefix` (e.g. `model.layers.3`), from a safetensors
+    /// file. The layout is found from the tensor names; bf16 and f32 tensors are
+    /// accepted (f32 is rounded to bf16).
+    pub fn load(path: &std::path::Path, prefix: &str) -> Result<(Self, Layout)> {
+        let bytes = std::fs::read(path).map_err(|error| ExpertsError::Io {
+            path: path.display().to_string(),
+            error,
+        })?;
+        Self::from_safetensors(&bytes, prefix)
+    }
+
+    /// [`Self::load`] from the bytes of a safetensors file.
+    pub fn from_safetensors(bytes: &[u8], prefix: &str) -> Result<(Self, Layout)> {
+        let file =
+            SafeTensors::deserialize(bytes).map_err(|e| ExpertsError::Format(e.to_string()))?;
+        let names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
+        let layout = [Layout::Mixtral, Layout::QwenMoe]
+            .into_iter()
+            .find(|layout| names.contains(&layout.router(prefix)))
+            .ok_or_else(|| ExpertsError::NoMoeLayer {
+                prefix: prefix.to_string(),
+            })?;
+        let router_name = layout.router(prefix);
+        let router_shape = shape_of(&file, &router_name, layout)?;
+        let [num_experts, hidden_size] = router_shape[..] else {
+            return Err(ExpertsError::TensorShape {
+                name: router_name,
+                expected: vec![0, 0],
+                got: router_shape,
+            });
+        };
+        let [gate0, ..] = layout.expert(prefix, 0);
+        let gate0_shape = shape_of(&file, &gate0, layout)?;
+        let intermediate_size = match gate0_shape[..] {
+            [i, h] if h == hidden_size => i,
+            _ => {
+                return Err(ExpertsError::TensorShape {
+                    name: gate0,
+                    expected: vec![0, hidden_size],
+                    got: gate0_shape,
+                });
+            }
+        };
+        let (h, i) = (hidden_size, intermediate_size);
+        let mut weights = MoeWeights {
+            hidden_size,
+            intermediate_size,
+            num_experts,
+            router: read(&file, &router_name, &[num_experts, h], layout)?,
+            gate_proj: Vec::with_capacity(num_experts * i * h),
+            up_proj: Vec::with_capacity(num_experts * i * h),
+            down_proj: Vec::with_capacity(num_experts * h * i),
+        };
+        for expert in 0..num_experts {
+            let [gate, up, down] = layout.expert(prefix, expert);
+            weights
+                .gate_proj
+                .extend(read(&file, &gate, &[i, h], layout)?);
+            weights.up_proj.extend(read(&file, &up, &[i, h], layout)?);
+            weights
+                .down_proj
+                .extend(read(&file, &down, &[h, i], layout)?);
+        }
+        Ok((weights, layout))
+    }
+
+    /// Random weights of the given sizes (a fixed seed gives the same weights), scaled
+    /// like an initialised layer: entries of about `1/sqrt(fan_in)`.
+    pub fn random(config: &MoeConfig, seed: u64) -> Self {
+        let (h, i, e) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_experts,
+        );
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut fill = |len: usize, fan_in: usize| -> Vec<bf16> {
+            let scale = 1.0 / (fan_in as f32).sqrt();
+            (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                    bf16::from_f32(unit * scale * 1.7)
+                })
+                .collect()
+        };
+        MoeWeights {
+            hidden_size: h,
+            intermediate_size: i,
+            num_experts: e,
+            router: fill(e * h, h),
+            gate_proj: fill(e * i * h, h),
+            up_proj: fill(e * i * h, h),
+            down_proj: fill(e * h * i, i),
+        }
+    }
+
+    /// Checks the weights against a block configuration.
+    pub fn check(&self, config: &MoeConfig) -> Result<()> {
+        config.check()?;
+        let dims = (self.hidden_size, self.intermediate_size, self.num_experts);
+        let want = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_experts,
+        );
+        if dims != want {
+            return Err(ExpertsError::Config(format!(
+                "weights are (H, I, E) = {dims:?}, the block is {want:?}"
+            )));
+        }
+        let (h, i, e) = dims;
+        let sizes = [
+            ("router", self.router.len(), e * h),
+            ("gate_proj", self.gate_proj.len(), e * i * h),
+            ("up_proj", self.up_proj.len(), e * i * h),
+            ("down_proj", self.down_proj.len(), e * h * i),
+        ];
+        for (tensor, len, expected) in sizes {
+            if len != expected {
+                return Err(ExpertsError::Shape {
+                    tensor,
+                    len,
+                    expected: format!("{expected} elements"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn shape_of(file: &SafeTensors<'_>, name: &str, layout: Layout) -> Result<Vec<usize>> {
+    file.tensor(name)
+        .map(|t| t.shape().to_vec())
+        .map_err(|_| ExpertsError::MissingTensor {
+            name: name.to_string(),
+            layout: layout.name(),
+        })
+}
+
+/// Reads tensor `name`, checking its shape, as bf16.
+fn read(file: &SafeTensors<'_>, name: &str, shape: &[usize], layout: Layout) -> Result<Vec<bf16>> {
+    let tensor = file.tensor(name).map_err(|_| ExpertsError::MissingTensor {
+        name: name.to_string(),
+        layout: layout.name(),
+    })?;
+    if tensor.shape() != shape {
+        return Err(ExpertsError::TensorShape {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            got: tensor.shape().to_vec(),
+        });
+    }
+    let data = tensor.data();
+    match tensor.dtype() {
+        Dtype::BF16 => Ok(data
+            .chunks_exact(2)
+            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+            .collect()),
+        Dtype::F32 => Ok(data
+            .chunks_exact(4)
+            .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect()),
+        other => Err(ExpertsError::TensorDtype {
+            name: name.to_string(),
+            got: format!("{other:?}"),
+        }),
+    }
+}

@@ -1,0 +1,249 @@
+//! The MoE block on the CPU against a naive reference written here (plain loops), for
+//! every backend, on random weights and inputs; and the lazy, shared permute scratch.
+
+// The reference is plain index loops on purpose: it should read like the definition.
+#![allow(clippy::needless_range_loop)]
+
+use half::bf16;
+use moe_experts::{
+    CpuMoeBlock, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace, cpu::HummingExperts,
+};
+use moe_runtime::cpu::{self, PermuteInput};
+use moe_runtime::{Rows, TopkIds};
+
+fn round(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// The block, written from its definition: router logits in f32, softmax, top-k by
+/// logit (ties to the lower id), optional renormalisation; each expert's
+/// `down(SiLU(gate x) * up x)` with bf16 rounding after each GEMM and the activation;
+/// the weighted sum in f32 over ascending k, rounded once.
+fn reference(config: &MoeConfig, w: &MoeWeights, hidden: &[bf16]) -> (Vec<f32>, Vec<i32>) {
+    let (h, i, e, k) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_experts,
+        config.top_k,
+    );
+    let f = |v: &[bf16], idx: usize| v[idx].to_f32();
+    let tokens = hidden.len() / h;
+    let mut out = vec![0.0f32; tokens * h];
+    let mut all_ids = Vec::new();
+    for t in 0..tokens {
+        let x: Vec<f32> = (0..h).map(|c| f(hidden, t * h + c)).collect();
+        let logits: Vec<f32> = (0..e)
+            .map(|ex| (0..h).map(|c| x[c] * f(&w.router, ex * h + c)).sum())
+            .collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        let mut ids: Vec<usize> = Vec::new();
+        for _ in 0..k {
+            let mut best = usize::MAX;
+            for ex in 0..e {
+                if !ids.contains(&ex) && (best == usize::MAX || logits[ex] > logits[best]) {
+                    best = ex;
+                }
+            }
+            ids.push(best);
+        }
+        let probs: Vec<f32> = ids.iter().map(|&ex| (logits[ex] - max).exp()).collect();
+        let denominator = if config.norm_topk_prob {
+            probs.iter().sum()
+        } else {
+            total
+        };
+        let mut acc = vec![0.0f32; h];
+        for (slot, &ex) in ids.iter().enumerate() {
+            let weight = probs[slot] / denominator;
+            let mut act = vec![0.0f32; i];
+            for r in 0..i {
+                let mut g = 0.0f32;
+                let mut u = 0.0f32;
+                for c in 0..h {
+                    g += x[c] * f(&w.gate_proj, (ex * i + r) * h + c);
+                    u += x[c] * f(&w.up_proj, (ex * i + r) * h + c);
+                }
+                let (g, u) = (round(g), round(u));
+                act[r] = round(g / (1.0 + (-g).exp()) * u);
+            }
+            for c in 0..h {
+                let mut y = 0.0f32;
+                for r in 0..i {
+                    y += act[r] * f(&w.down_proj, (ex * h + c) * i + r);
+                }
+                acc[c] += weight * round(y);
+            }
+            all_ids.push(ex as i32);
+        }
+        for c in 0..h {
+            out[t * h + c] = round(acc[c]);
+        }
+    }
+    (out, all_ids)
+}
+
+fn random_hidden(tokens: usize, h: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed | 1;
+    (0..tokens * h)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+fn relative_error(got: &[bf16], want: &[f32]) -> f64 {
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g.to_f32() as f64 - *w as f64).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+const KINDS: [ExpertsKind; 3] = [
+    ExpertsKind::Grouped,
+    ExpertsKind::Humming,
+    ExpertsKind::HummingIndexed { block_size: 16 },
+];
+
+fn configs() -> Vec<MoeConfig> {
+    vec![
+        // Mixtral-like: few experts, top-2, always renormalised.
+        MoeConfig {
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_experts: 8,
+            top_k: 2,
+            norm_topk_prob: true,
+        },
+        // Qwen3-MoE-like: many experts, top-4, renormalised.
+        MoeConfig {
+            hidden_size: 48,
+            intermediate_size: 32,
+            num_experts: 32,
+            top_k: 4,
+            norm_topk_prob: true,
+        },
+        // Qwen2-MoE-like: without renormalisation.
+        MoeConfig {
+            hidden_size: 40,
+            intermediate_size: 24,
+            num_experts: 16,
+            top_k: 3,
+            norm_topk_prob: false,
+        },
+    ]
+}
+
+#[test]
+fn every_backend_matches_the_naive_block() {
+    for (c, config) in configs().into_iter().enumerate() {
+        let weights = MoeWeights::random(&config, 100 + c as u64);
+        for kind in KINDS {
+            let mut block =
+                CpuMoeBlock::new(config.clone(), &weights, kind, SharedWorkspace::new(), 64)
+                    .unwrap();
+            for (n, tokens) in [0usize, 1, 7, 100].into_iter().enumerate() {
+                let hidden = random_hidden(tokens, config.hidden_size, (c * 10 + n) as u64 + 1);
+                let got = block.forward(&hidden).unwrap();
+                let (want, want_ids) = reference(&config, &weights, &hidden);
+                assert_eq!(got.topk_ids, want_ids, "{kind:?} {config:?} N={tokens}");
+                assert_eq!(got.hidden_states.len(), tokens * config.hidden_size);
+                if tokens > 0 {
+                    let error = relative_error(&got.hidden_states, &want);
+                    assert!(error < 5e-3, "{kind:?} {config:?} N={tokens}: {error}");
+                    assert!(got.hidden_states.iter().any(|v| v.to_f32() != 0.0));
+                }
+                for row in got.topk_weights.chunks(config.top_k) {
+                    let sum: f32 = row.iter().sum();
+                    assert!(sum > 0.0 && sum <= 1.0 + 1e-5, "{row:?}");
+                    if config.norm_topk_prob {
+                        assert!((sum - 1.0).abs() < 1e-5);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_scratch_is_built_lazily_once_and_shared_by_layers() {
+    let config = &configs()[0];
+    let workspace = SharedWorkspace::new();
+    let layers: Vec<MoeWeights> = (0..3).map(|l| MoeWeights::random(config, l)).collect();
+    let mut blocks: Vec<CpuMoeBlock> = layers
+        .iter()
+        .map(|w| {
+            CpuMoeBlock::new(
+                config.clone(),
+                w,
+                ExpertsKind::Humming,
+                workspace.clone(),
+                32,
+            )
+            .unwrap()
+        })
+        .collect();
+    // Nothing is allocated before the first call.
+    assert!(workspace.lock().scratch().is_none());
+
+    let hidden = random_hidden(20, config.hidden_size, 9);
+    let mut outputs = Vec::new();
+    let mut bytes = Vec::new();
+    for block in &mut blocks {
+        outputs.push(block.forward(&hidden).unwrap().hidden_states);
+        bytes.push(workspace.lock().scratch().unwrap().allocated_bytes());
+    }
+    // One scratch for all layers: built by the first, then reused as it was.
+    assert!(bytes.iter().all(|&b| b == bytes[0]), "{bytes:?}");
+    // Different weights, different outputs: the layers really ran.
+    assert_ne!(outputs[0], outputs[1]);
+
+    // The scratch a backend gets is the same memory, call after call and across the
+    // backends of different layers.
+    let address = |backend: &HummingExperts| {
+        let mut scratch = backend.get_permute_scratch(20).unwrap();
+        let ids: Vec<i32> = (0..40).map(|i| i % 8).collect();
+        let input = PermuteInput::new(
+            Rows::new(&hidden, config.hidden_size).unwrap(),
+            TopkIds::new(&ids, 2).unwrap(),
+        );
+        let out = cpu::permute(&mut scratch, &input).unwrap();
+        out.permuted_hidden_states.as_bytes().as_ptr() as usize
+    };
+    let first = HummingExperts::new(config, workspace.clone(), 32);
+    let second = HummingExperts::new(config, workspace.clone(), 16);
+    assert_eq!(address(&first), address(&first));
+    assert_eq!(address(&first), address(&second));
+}
+
+#[test]
+fn a_locked_workspace_refuses_a_larger_batch() {
+    let config = &configs()[0];
+    let workspace = SharedWorkspace::new();
+    let weights = MoeWeights::random(config, 5);
+    let mut block = CpuMoeBlock::new(
+        config.clone(),
+        &weights,
+        ExpertsKind::Grouped,
+        workspace.clone(),
+        8,
+    )
+    .unwrap();
+    block
+        .forward(&random_hidden(8, config.hidden_size, 1))
+        .unwrap();
+    workspace.lock().lock();
+    block
+        .forward(&random_hidden(4, config.hidden_size, 2))
+        .unwrap();
+    let error = block
+        .forward(&random_hidden(9, config.hidden_size, 3))
+        .unwrap_err();
+    assert!(error.to_string().contains("locked"), "{error}");
+}

@@ -1,0 +1,156 @@
+//! Loading one MoE layer from a Hugging Face safetensors checkpoint, in both layouts
+//! and both dtypes, and the errors a bad checkpoint gives.
+
+use half::bf16;
+use moe_experts::{ExpertsError, Layout, MoeConfig, MoeWeights};
+use safetensors::{Dtype, tensor::TensorView};
+
+const CONFIG: MoeConfig = MoeConfig {
+    hidden_size: 16,
+    intermediate_size: 24,
+    num_experts: 4,
+    top_k: 2,
+    norm_topk_prob: true,
+};
+
+/// A checkpoint holding `weights` under `prefix` in `layout`, as bf16 or f32, with
+/// an unrelated tensor beside it. `skip` leaves one tensor out; `reshape` gives one a
+/// wrong shape.
+fn checkpoint(
+    weights: &MoeWeights,
+    layout: Layout,
+    prefix: &str,
+    f32_values: bool,
+    skip: Option<&str>,
+    reshape: Option<&str>,
+) -> Vec<u8> {
+    let (h, i) = (weights.hidden_size, weights.intermediate_size);
+    let mut tensors: Vec<(String, Vec<usize>, &[bf16])> = vec![(
+        layout.router(prefix),
+        vec![weights.num_experts, h],
+        &weights.router,
+    )];
+    for e in 0..weights.num_experts {
+        let [gate, up, down] = layout.expert(prefix, e);
+        tensors.push((gate, vec![i, h], &weights.gate_proj[e * i * h..][..i * h]));
+        tensors.push((up, vec![i, h], &weights.up_proj[e * i * h..][..i * h]));
+        tensors.push((down, vec![h, i], &weights.down_proj[e * h * i..][..h * i]));
+    }
+    let other = [bf16::ONE; 4];
+    tensors.push(("model.embed_tokens.weight".into(), vec![2, 2], &other));
+    let encoded: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = tensors
+        .into_iter()
+        .filter(|(name, ..)| Some(name.as_str()) != skip)
+        .map(|(name, mut shape, values)| {
+            if Some(name.as_str()) == reshape {
+                shape.reverse();
+            }
+            let (dtype, bytes) = if f32_values {
+                let bytes = values
+                    .iter()
+                    .flat_map(|v| v.to_f32().to_le_bytes())
+                    .collect();
+                (Dtype::F32, bytes)
+            } else {
+                (
+                    Dtype::BF16,
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            };
+            (name, shape, dtype, bytes)
+        })
+        .collect();
+    let views = encoded.iter().map(|(name, shape, dtype, bytes)| {
+        (
+            name.clone(),
+            TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+        )
+    });
+    safetensors::serialize(views, None).unwrap()
+}
+
+#[test]
+fn both_layouts_and_dtypes_load_the_same_weights() {
+    let weights = MoeWeights::random(&CONFIG, 3);
+    for layout in [Layout::Mixtral, Layout::QwenMoe] {
+        for f32_values in [false, true] {
+            let bytes = checkpoint(&weights, layout, "model.layers.7", f32_values, None, None);
+            let (loaded, found) = MoeWeights::from_safetensors(&bytes, "model.layers.7").unwrap();
+            assert_eq!(found, layout);
+            loaded.check(&CONFIG).unwrap();
+            assert_eq!(loaded.router, weights.router);
+            assert_eq!(loaded.gate_proj, weights.gate_proj);
+            assert_eq!(loaded.up_proj, weights.up_proj);
+            assert_eq!(loaded.down_proj, weights.down_proj);
+        }
+    }
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let weights = MoeWeights::random(&CONFIG, 4);
+    let missing = "model.layers.0.mlp.experts.2.up_proj.weight";
+    let bytes = checkpoint(
+        &weights,
+        Layout::QwenMoe,
+        "model.layers.0",
+        false,
+        Some(missing),
+        None,
+    );
+    match MoeWeights::from_safetensors(&bytes, "model.layers.0").unwrap_err() {
+        ExpertsError::MissingTensor { name, layout } => {
+            assert_eq!((name.as_str(), layout), (missing, "Qwen-MoE"));
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_misshapen_tensor_is_named_with_its_expected_shape() {
+    let weights = MoeWeights::random(&CONFIG, 5);
+    let bad = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+    let bytes = checkpoint(
+        &weights,
+        Layout::Mixtral,
+        "model.layers.1",
+        false,
+        None,
+        Some(bad),
+    );
+    let error = MoeWeights::from_safetensors(&bytes, "model.layers.1").unwrap_err();
+    match &error {
+        ExpertsError::TensorShape {
+            name,
+            expected,
+            got,
+        } => {
+            assert_eq!(name, bad);
+            assert_eq!(expected, &vec![16, 24]);
+            assert_eq!(got, &vec![24, 16]);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(error.to_string().contains(bad) && error.to_string().contains("[16, 24]"));
+}
+
+#[test]
+fn a_prefix_without_a_moe_layer_is_an_error() {
+    let weights = MoeWeights::random(&CONFIG, 6);
+    let bytes = checkpoint(
+        &weights,
+        Layout::Mixtral,
+        "model.layers.1",
+        false,
+        None,
+        None,
+    );
+    assert!(matches!(
+        MoeWeights::from_safetensors(&bytes, "model.layers.2").unwrap_err(),
+        ExpertsError::NoMoeLayer { .. }
+    ));
+    assert!(matches!(
+        MoeWeights::from_safetensors(b"not a checkpoint", "model.layers.1").unwrap_err(),
+        ExpertsError::Format(_)
+    ));
+}
