@@ -14,6 +14,7 @@
 mod block;
 mod config;
 pub mod cpu;
+mod cuda;
 mod error;
 mod mlp;
 mod router;
@@ -22,6 +23,7 @@ mod weights;
 
 pub use block::{BlockOutput, CpuMoeBlock, ExpertsKind};
 pub use config::MoeConfig;
+pub use cuda::CudaMoeBlock;
 pub use error::{ExpertsError, Result};
 pub use mlp::CpuWeights;
 pub use router::route;

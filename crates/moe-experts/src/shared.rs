@@ -19,6 +19,14 @@ impl SharedWorkspace {
         Self::default()
     }
 
+    /// A workspace for backends on a CUDA device: its scratch lives there and uses
+    /// the device's stream.
+    pub fn on_cuda_device(device: std::sync::Arc<moe_runtime::cuda::CudaDevice>) -> Self {
+        Self(Arc::new(Mutex::new(ScratchWorkspace::on_cuda_device(
+            device,
+        ))))
+    }
+
     /// The workspace itself (to lock it before graph capture, or inspect it).
     pub fn lock(&self) -> MutexGuard<'_, ScratchWorkspace> {
         // A panic while the lock was held cannot leave the workspace half-changed: its

@@ -103,8 +103,14 @@ pub const fn unpermute(float: Float, vector: bool) -> &'static str {
     }
 }
 
+/// `router_topk`: the MoE block's router.
+pub const ROUTER_TOPK: &str = "router_topk";
+
+/// `silu_mul_bf16`: the experts' activation.
+pub const SILU_MUL_BF16: &str = "silu_mul_bf16";
+
 /// Every entry point of the module.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 21] = [
     route_count(false, IdWidth::I32),
     route_count(false, IdWidth::I64),
     route_count(true, IdWidth::I32),
@@ -124,4 +130,6 @@ pub const ALL: [&str; 19] = [
     unpermute(Float::F16, false),
     unpermute(Float::BF16, true),
     unpermute(Float::BF16, false),
+    ROUTER_TOPK,
+    SILU_MUL_BF16,
 ];

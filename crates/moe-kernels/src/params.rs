@@ -163,6 +163,50 @@ pub struct UnpermuteParams {
     pub output: u64,
 }
 
+/// Threads in a block of `router_topk`: one warp per token.
+pub const ROUTER_THREADS: u32 = 128;
+/// The most experts a token may choose on the GPU router.
+pub const ROUTER_MAX_TOP_K: u32 = 32;
+/// The most experts the GPU router handles (its chosen-set bitmask is in shared
+/// memory, one per warp).
+pub const ROUTER_MAX_EXPERTS: u32 = 1024;
+/// Threads in a block of `silu_mul_bf16`.
+pub const ELEMENTWISE_THREADS: u32 = 256;
+
+/// Arguments of `router_topk`: softmax over each token's logits, top-k, optional
+/// renormalisation (the MoE block's router).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouterParams {
+    pub num_tokens: u32,
+    /// `E`, logits per token.
+    pub num_experts: u32,
+    /// `K`, at most [`ROUTER_MAX_TOP_K`] and `E`.
+    pub top_k: u32,
+    /// 1: renormalise the chosen probabilities to sum to 1.
+    pub norm_topk_prob: u32,
+    /// `[N, E]` f32.
+    pub logits: u64,
+    /// `[N, K]` i32 output.
+    pub topk_ids: u64,
+    /// `[N, K]` f32 output.
+    pub topk_weights: u64,
+}
+
+/// Arguments of `silu_mul_bf16`: `out[r, j] = bf16(SiLU(g) * u)` with
+/// `g = gate_up[r, j]`, `u = gate_up[r, I + j]`, in f32.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SiluMulParams {
+    pub rows: u32,
+    /// `I`.
+    pub columns: u32,
+    /// `[rows, 2I]` bf16: each row's gate projection, then its up projection.
+    pub gate_up: u64,
+    /// `[rows, I]` bf16 output.
+    pub out: u64,
+}
+
 // Kernel arguments are copied byte for byte into the launch; pin their layout.
 const _: () = {
     use core::mem::{align_of, size_of};
@@ -172,6 +216,8 @@ const _: () = {
     assert!(size_of::<RouteParams>() == 104 && align_of::<RouteParams>() == 8);
     assert!(size_of::<PermuteRowsParams>() == 72 && align_of::<PermuteRowsParams>() == 8);
     assert!(size_of::<UnpermuteParams>() == 64 && align_of::<UnpermuteParams>() == 8);
+    assert!(size_of::<RouterParams>() == 40 && align_of::<RouterParams>() == 8);
+    assert!(size_of::<SiluMulParams>() == 24 && align_of::<SiluMulParams>() == 8);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
     // Per-warp counts are 16-bit: a warp's share of a chunk must fit.
     assert!(ROUTE_CHUNK / ROUTE_WARPS <= u16::MAX as u32);
@@ -182,7 +228,7 @@ const _: () = {
 mod device_repr {
     use super::*;
 
-    // The three blocks are `#[repr(C)]`, `Copy`, integers only with no implicit padding
+    // The blocks are `#[repr(C)]`, `Copy`, integers only with no implicit padding
     // (`UnpermuteParams` names its padding), and have the layout of the kernels'
     // parameter since the kernels are compiled from this same definition.
     // SAFETY: as said above.
@@ -191,4 +237,8 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for PermuteRowsParams {}
     // SAFETY: as above.
     unsafe impl cudarc::driver::DeviceRepr for UnpermuteParams {}
+    // SAFETY: as above.
+    unsafe impl cudarc::driver::DeviceRepr for RouterParams {}
+    // SAFETY: as above.
+    unsafe impl cudarc::driver::DeviceRepr for SiluMulParams {}
 }

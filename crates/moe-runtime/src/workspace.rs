@@ -1,7 +1,10 @@
 //! One permute scratch shared by many users: every MoE layer of a model, or several
 //! expert backends, so that scratch memory does not grow with the layer count.
 
-use crate::{MoeError, PermuteScratch, Result, ScratchConfig};
+use std::sync::Arc;
+
+use crate::cuda::CudaDevice;
+use crate::{Device, MoeError, PermuteScratch, Result, ScratchConfig};
 
 /// Holds one [`PermuteScratch`] for users that run one after another.
 ///
@@ -13,11 +16,27 @@ use crate::{MoeError, PermuteScratch, Result, ScratchConfig};
 pub struct ScratchWorkspace {
     scratch: Option<PermuteScratch>,
     locked: bool,
+    /// Where a CUDA scratch is built: its users queue their work on this device's
+    /// stream. Without one, a CUDA scratch opens the device with a stream of its own.
+    cuda_device: Option<Arc<CudaDevice>>,
 }
 
 impl ScratchWorkspace {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A workspace whose CUDA scratches live on `device` and use its stream.
+    pub fn on_cuda_device(device: Arc<CudaDevice>) -> Self {
+        Self {
+            cuda_device: Some(device),
+            ..Self::default()
+        }
+    }
+
+    /// The CUDA device a CUDA scratch is built on, if one was given.
+    pub fn cuda_device(&self) -> Option<&Arc<CudaDevice>> {
+        self.cuda_device.as_ref()
     }
 
     /// A scratch that serves `request`, built or grown if needed and allowed.
@@ -44,7 +63,12 @@ impl ScratchWorkspace {
             }
             // Release the old buffers first: peak memory stays one scratch.
             self.scratch = None;
-            self.scratch = Some(PermuteScratch::new(merged)?);
+            self.scratch = Some(match (&self.cuda_device, merged.device) {
+                (Some(device), Device::Cuda(_)) => {
+                    PermuteScratch::with_cuda_device(merged, device.clone())?
+                }
+                _ => PermuteScratch::new(merged)?,
+            });
         }
         Ok(self.scratch.as_mut().expect("built above when absent"))
     }

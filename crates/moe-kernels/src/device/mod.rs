@@ -4,11 +4,12 @@
 //! generic body in `route` or `rows`, named by [`crate::kernels`]; its one argument is
 //! a `#[repr(C)]` block from [`crate::params`] passed by value.
 
+mod block;
 mod intrinsics;
 mod route;
 mod rows;
 
-use crate::params::{PermuteRowsParams, RouteParams, UnpermuteParams};
+use crate::params::{PermuteRowsParams, RouteParams, RouterParams, SiluMulParams, UnpermuteParams};
 use rows::{BF16, F16, F32, V16};
 
 #[panic_handler]
@@ -52,4 +53,6 @@ kernels! {
     unpermute_f16_v1(p: UnpermuteParams) => rows::unpermute::<F16, 1, false>(p);
     unpermute_bf16_v16(p: UnpermuteParams) => rows::unpermute::<BF16, 8, true>(p);
     unpermute_bf16_v1(p: UnpermuteParams) => rows::unpermute::<BF16, 1, false>(p);
+    router_topk(p: RouterParams) => block::router_topk(p);
+    silu_mul_bf16(p: SiluMulParams) => block::silu_mul_bf16(p);
 }

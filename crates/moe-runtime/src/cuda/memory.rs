@@ -55,12 +55,22 @@ impl<'a, T: DeviceRepr> DeviceView<'a, T> {
         }
     }
 
-    /// The first `len` elements.
+    /// The first `len` elements (all of them if there are fewer).
     pub fn prefix(self, len: usize) -> Self {
         Self {
             len: len.min(self.len),
             ..self
         }
+    }
+
+    /// Elements `start..start + len`.
+    pub fn range(self, start: usize, len: usize) -> Result<Self> {
+        check_range(self.len, start, len)?;
+        Ok(Self {
+            address: self.address + (start * size_of::<T>()) as u64,
+            len,
+            ..self
+        })
     }
 
     /// The view's device address (what kernels receive).
@@ -169,6 +179,24 @@ impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
         Device::Cuda(self.ordinal)
     }
 
+    /// The first `len` elements (all of them if there are fewer).
+    pub fn prefix(self, len: usize) -> Self {
+        Self {
+            len: len.min(self.len),
+            ..self
+        }
+    }
+
+    /// Elements `start..start + len`.
+    pub fn range(self, start: usize, len: usize) -> Result<Self> {
+        check_range(self.len, start, len)?;
+        Ok(Self {
+            address: self.address + (start * size_of::<T>()) as u64,
+            len,
+            ..self
+        })
+    }
+
     /// The same memory, read-only.
     pub fn into_view(self) -> DeviceView<'a, T> {
         DeviceView {
@@ -178,6 +206,17 @@ impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
             _borrow: PhantomData,
         }
     }
+}
+
+fn check_range(len: usize, start: usize, count: usize) -> Result<()> {
+    if start > len || count > len - start {
+        return Err(MoeError::Shape {
+            tensor: "view",
+            len,
+            expected: format!("a range {start}..{} inside it", start.saturating_add(count)),
+        });
+    }
+    Ok(())
 }
 
 fn whole_rows(tensor: &'static str, len: usize, columns: usize) -> Result<usize> {

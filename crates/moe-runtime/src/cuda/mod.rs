@@ -9,6 +9,8 @@
 //! can be captured in a CUDA graph and replayed.
 
 mod align;
+mod blas;
+mod block_ops;
 mod buffers;
 mod device;
 mod launch;
@@ -19,6 +21,8 @@ mod unpermute;
 pub(crate) use buffers::CudaBuffers;
 
 pub use align::{DeviceAlignOutput, align};
+pub use blas::{Blas, GemmOutput};
+pub use block_ops::{router_topk, silu_mul};
 pub use device::CudaDevice;
 pub use memory::{
     DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,

@@ -1,0 +1,198 @@
+//! The MoE block on a CUDA device against the CPU block, on random weights and
+//! inputs; and the lazy, shared permute scratch on the device.
+//!
+//! Without a GPU every test prints why and passes; with `MOE_REQUIRE_GPU=1` a missing
+//! GPU fails them.
+
+use std::sync::Arc;
+
+use half::bf16;
+use moe_experts::{
+    CpuMoeBlock, CudaMoeBlock, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace,
+};
+use moe_runtime::cuda::{
+    self, CudaDevice, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceTopkIds, DeviceView,
+};
+
+fn gpu() -> Option<Arc<CudaDevice>> {
+    match CudaDevice::new(0) {
+        Ok(device) => Some(device),
+        Err(error) if std::env::var("MOE_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("MOE_REQUIRE_GPU=1 but no GPU can be used: {error}")
+        }
+        Err(error) => {
+            eprintln!("no GPU found, skipping: {error}");
+            None
+        }
+    }
+}
+
+fn random_hidden(tokens: usize, h: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed | 1;
+    (0..tokens * h)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+fn configs() -> Vec<MoeConfig> {
+    vec![
+        MoeConfig {
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_experts: 8,
+            top_k: 2,
+            norm_topk_prob: true,
+        },
+        MoeConfig {
+            hidden_size: 128,
+            intermediate_size: 96,
+            num_experts: 64,
+            top_k: 8,
+            norm_topk_prob: true,
+        },
+        MoeConfig {
+            hidden_size: 256,
+            intermediate_size: 128,
+            num_experts: 128,
+            top_k: 8,
+            norm_topk_prob: false,
+        },
+    ]
+}
+
+#[test]
+fn the_gpu_block_matches_the_cpu_block() {
+    let Some(device) = gpu() else { return };
+    for (c, config) in configs().into_iter().enumerate() {
+        let weights = MoeWeights::random(&config, 40 + c as u64);
+        for kind in [ExpertsKind::Grouped, ExpertsKind::Humming] {
+            let mut cpu_block =
+                CpuMoeBlock::new(config.clone(), &weights, kind, SharedWorkspace::new(), 64)
+                    .unwrap();
+            let workspace = SharedWorkspace::on_cuda_device(device.clone());
+            let mut gpu_block = CudaMoeBlock::new(
+                config.clone(),
+                &weights,
+                kind,
+                device.clone(),
+                workspace,
+                64,
+            )
+            .unwrap();
+            for tokens in [0usize, 1, 33, 600] {
+                let h = config.hidden_size;
+                let k = config.top_k;
+                let hidden = random_hidden(tokens, h, (c * 100 + tokens) as u64 + 7);
+                let want = cpu_block.forward(&hidden).unwrap();
+                let got = gpu_block.forward(&hidden).unwrap();
+                assert_eq!(got.hidden_states.len(), tokens * h);
+                // Logits from two GEMM libraries differ in their last bits, so a token
+                // whose K-th and (K+1)-th experts are nearly tied may route differently;
+                // such tokens are counted, and compared only when routed alike.
+                let (mut same, mut diff, mut norm) = (0usize, 0f64, 0f64);
+                for t in 0..tokens {
+                    let mut a = got.topk_ids[t * k..][..k].to_vec();
+                    let mut b = want.topk_ids[t * k..][..k].to_vec();
+                    a.sort();
+                    b.sort();
+                    if a != b {
+                        continue;
+                    }
+                    same += 1;
+                    for (g, w) in got.hidden_states[t * h..][..h]
+                        .iter()
+                        .zip(&want.hidden_states[t * h..][..h])
+                    {
+                        diff += (g.to_f32() as f64 - w.to_f32() as f64).powi(2);
+                        norm += (w.to_f32() as f64).powi(2);
+                    }
+                }
+                assert!(
+                    same * 100 >= tokens * 98,
+                    "{kind:?} {config:?}: {same}/{tokens} routed alike"
+                );
+                if tokens > 0 {
+                    let error = (diff / norm).sqrt();
+                    assert!(
+                        error < 1e-2,
+                        "{kind:?} {config:?} N={tokens}: relative error {error}"
+                    );
+                    eprintln!(
+                        "{kind:?} H{h} E{} K{k} N={tokens}: relative error {error:.2e}, {same}/{tokens} routed alike",
+                        config.num_experts
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_indexed_backend_is_refused_on_the_gpu() {
+    let Some(device) = gpu() else { return };
+    let config = &configs()[0];
+    let error = CudaMoeBlock::new(
+        config.clone(),
+        &MoeWeights::random(config, 1),
+        ExpertsKind::HummingIndexed { block_size: 16 },
+        device.clone(),
+        SharedWorkspace::on_cuda_device(device),
+        16,
+    )
+    .unwrap_err();
+    assert!(matches!(error, ExpertsError::Unsupported { .. }), "{error}");
+}
+
+#[test]
+fn the_device_scratch_is_built_lazily_once_and_shared_by_layers() {
+    let Some(device) = gpu() else { return };
+    let config = &configs()[1];
+    let workspace = SharedWorkspace::on_cuda_device(device.clone());
+    let mut layers: Vec<CudaMoeBlock> = (0..3)
+        .map(|l| {
+            CudaMoeBlock::new(
+                config.clone(),
+                &MoeWeights::random(config, l),
+                ExpertsKind::Humming,
+                device.clone(),
+                workspace.clone(),
+                64,
+            )
+            .unwrap()
+        })
+        .collect();
+    assert!(
+        workspace.lock().scratch().is_none(),
+        "no scratch before the first call"
+    );
+    let hidden = random_hidden(50, config.hidden_size, 3);
+    let mut bytes = Vec::new();
+    for layer in &mut layers {
+        layer.forward(&hidden).unwrap();
+        bytes.push(workspace.lock().scratch().unwrap().allocated_bytes());
+    }
+    assert!(bytes.iter().all(|&b| b == bytes[0]), "{bytes:?}");
+
+    // The same device memory for every call of every layer.
+    let stream = device.stream().clone();
+    let d_hidden = stream.clone_htod(&hidden).unwrap();
+    let ids: Vec<i32> = (0..50 * 8).map(|i| i * 7 % 64).collect();
+    let d_ids = stream.clone_htod(&ids).unwrap();
+    let address = |layer: &CudaMoeBlock| {
+        let mut scratch = layer.get_permute_scratch(50).unwrap();
+        let input = DevicePermuteInput::new(
+            DeviceRows::new(DeviceView::new(&d_hidden), config.hidden_size).unwrap(),
+            DeviceTopkIds::new(DeviceExpertIds::I32(DeviceView::new(&d_ids)), 8).unwrap(),
+        );
+        let out = cuda::permute(&mut scratch, &input).unwrap();
+        out.permuted_hidden_states.bytes().address()
+    };
+    let first = address(&layers[0]);
+    assert_eq!(first, address(&layers[0]));
+    assert_eq!(first, address(&layers[2]));
+}
