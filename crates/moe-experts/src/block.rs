@@ -79,6 +79,12 @@ impl CpuMoeBlock {
         self.experts.name()
     }
 
+    /// Takes the permute scratch from `workspace` from now on (for example a fresh one
+    /// per call, to measure what allocating costs).
+    pub fn use_workspace(&mut self, workspace: SharedWorkspace) {
+        self.experts.use_workspace(workspace);
+    }
+
     /// Runs the block on `hidden_states` `[N, H]`.
     pub fn forward(&mut self, hidden_states: &[bf16]) -> Result<BlockOutput> {
         let (h, k, e) = (

@@ -24,6 +24,9 @@ pub trait CpuExperts: Send + std::fmt::Debug {
     /// The backend's name, for reports.
     fn name(&self) -> &'static str;
 
+    /// Takes the permute scratch from `workspace` from now on.
+    fn use_workspace(&mut self, workspace: SharedWorkspace);
+
     /// `out [N, H] = sum over k of topk_weights[t,k] * expert(topk_ids[t,k])(hidden[t])`.
     fn apply(
         &mut self,
@@ -135,6 +138,10 @@ impl CpuExperts for GroupedExperts {
         "grouped"
     }
 
+    fn use_workspace(&mut self, workspace: SharedWorkspace) {
+        self.source.workspace = workspace;
+    }
+
     fn apply(
         &mut self,
         weights: &CpuWeights,
@@ -201,6 +208,10 @@ impl CpuExperts for HummingExperts {
         "humming"
     }
 
+    fn use_workspace(&mut self, workspace: SharedWorkspace) {
+        self.source.workspace = workspace;
+    }
+
     fn apply(
         &mut self,
         weights: &CpuWeights,
@@ -263,6 +274,10 @@ impl IndexedExperts {
 impl CpuExperts for IndexedExperts {
     fn name(&self) -> &'static str {
         "humming-indexed"
+    }
+
+    fn use_workspace(&mut self, workspace: SharedWorkspace) {
+        self.source.workspace = workspace;
     }
 
     fn apply(

@@ -191,6 +191,22 @@ impl CudaMoeBlock {
         self.source.get(num_tokens)
     }
 
+    /// Takes the permute scratch from `workspace` from now on (for example a fresh
+    /// one per call, to measure what allocating costs).
+    pub fn use_workspace(&mut self, workspace: SharedWorkspace) -> Result<()> {
+        let same_device = workspace
+            .lock()
+            .cuda_device()
+            .is_some_and(|d| Arc::ptr_eq(d, self.blas.device()));
+        if !same_device {
+            return Err(ExpertsError::Config(
+                "the workspace is not on this block's device".into(),
+            ));
+        }
+        self.source.workspace = workspace;
+        Ok(())
+    }
+
     /// Runs the block on host `hidden_states` `[N, H]`: uploads them, queues the
     /// block, and copies the output and the routing back.
     pub fn forward(&mut self, hidden_states: &[bf16]) -> Result<BlockOutput> {
@@ -228,6 +244,38 @@ impl CudaMoeBlock {
             topk_ids,
             topk_weights,
         })
+    }
+
+    /// Runs the block on hidden states already on the device, leaving the output in
+    /// the block's activations (read it with [`Self::output`]): what a serving stack
+    /// whose activations live on the GPU does. The input is copied once on the device.
+    pub fn forward_device(&mut self, hidden_states: DeviceView<'_, bf16>) -> Result<()> {
+        let h = self.config.hidden_size;
+        if hidden_states.len() % h != 0 {
+            return Err(ExpertsError::Shape {
+                tensor: "hidden_states",
+                len: hidden_states.len(),
+                expected: format!("whole rows of hidden_size {h}"),
+            });
+        }
+        let tokens = hidden_states.len() / h;
+        self.reserve(tokens)?;
+        let activations = self.activations.as_mut().expect("reserved above");
+        if tokens > 0 {
+            cuda::copy_device(
+                self.blas.device(),
+                hidden_states,
+                DeviceViewMut::new(&mut activations.hidden).prefix(tokens * h),
+            )?;
+        }
+        self.forward_reserved(tokens)
+    }
+
+    /// The output `[N, H]` of the last [`Self::forward_device`] call of `tokens` tokens.
+    pub fn output(&self, tokens: usize) -> Option<DeviceView<'_, bf16>> {
+        let activations = self.activations.as_ref()?;
+        (tokens <= activations.tokens)
+            .then(|| DeviceView::new(&activations.out).prefix(tokens * self.config.hidden_size))
     }
 
     /// Makes sure the activations hold `tokens` tokens (allocating on first use and

@@ -160,6 +160,39 @@ impl MoeWeights {
         }
     }
 
+    /// Weights of the given sizes made from a 64 Ki-element random pattern repeated,
+    /// each tensor starting at a different offset: non-zero, varied values at the cost
+    /// of a copy, for benchmarks of full-size layers (whose time does not depend on the
+    /// values, but must not be measured on zeros).
+    pub fn repeating(config: &MoeConfig, seed: u64) -> Self {
+        const PATTERN: usize = 1 << 16;
+        let sample = MoeConfig {
+            hidden_size: PATTERN,
+            intermediate_size: 1,
+            num_experts: 1,
+            top_k: 1,
+            norm_topk_prob: false,
+        };
+        let pattern = Self::random(&sample, seed).router;
+        let tile = |len: usize, offset: usize| -> Vec<bf16> {
+            (0..len).map(|i| pattern[(i + offset) % PATTERN]).collect()
+        };
+        let (h, i, e) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_experts,
+        );
+        MoeWeights {
+            hidden_size: h,
+            intermediate_size: i,
+            num_experts: e,
+            router: tile(e * h, 0),
+            gate_proj: tile(e * i * h, 101),
+            up_proj: tile(e * i * h, 202),
+            down_proj: tile(e * h * i, 303),
+        }
+    }
+
     /// Checks the weights against a block configuration.
     pub fn check(&self, config: &MoeConfig) -> Result<()> {
         config.check()?;

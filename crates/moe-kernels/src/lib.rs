@@ -27,6 +27,11 @@ pub use params::*;
 #[cfg(not(target_arch = "nvptx64"))]
 pub const PTX: &str = include_str!("../../../kernels-gpu/moe_kernels.ptx");
 
+/// The manifest written with [`PTX`] (`kernels-gpu/manifest.json`): the compiler,
+/// target and hashes that produced it.
+#[cfg(not(target_arch = "nvptx64"))]
+pub const PTX_MANIFEST: &str = include_str!("../../../kernels-gpu/manifest.json");
+
 #[cfg(all(test, not(target_arch = "nvptx64")))]
 mod tests {
     use super::*;

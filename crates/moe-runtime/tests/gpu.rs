@@ -423,7 +423,7 @@ fn permute_and_align_match_the_cpu_bit_for_bit() {
         );
 
         // The allocating path gives the same.
-        let mut owned = cuda::permute_alloc(&device, &input, case.experts, case.local).unwrap();
+        let owned = cuda::permute_alloc(&device, &input, case.experts, case.local).unwrap();
         let out = owned.output().unwrap();
         let got = out.permuted_idx.to_host(&stream).unwrap();
         assert_eq!(got, want.permuted_idx, "permute_alloc, {case:?}");

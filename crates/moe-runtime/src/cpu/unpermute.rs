@@ -9,7 +9,7 @@ const TASK_BYTES: usize = 64 * 1024;
 
 /// Elements of a row summed at once, in an f32 accumulator on the stack: the sum of
 /// one token needs no heap memory whatever `H` is.
-const TILE: usize = 256;
+const TILE: usize = 2048;
 
 /// The inputs of unpermute.
 #[derive(Clone, Copy, Debug)]

@@ -103,3 +103,26 @@ pub fn silu_mul(
         &params,
     )
 }
+
+/// Copies `src` into `dst` (at least as long) on `device`'s stream.
+pub fn copy_device<T: cudarc::driver::DeviceRepr>(
+    device: &CudaDevice,
+    src: DeviceView<'_, T>,
+    dst: DeviceViewMut<'_, T>,
+) -> Result<()> {
+    too_small("dst", dst.len(), src.len())?;
+    if src.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: both ranges are device memory of at least `src.len()` elements (checked
+    // above); the views' borrows keep them alive and unaliased during the copy.
+    unsafe {
+        cudarc::driver::result::memcpy_dtod_async(
+            dst.address(),
+            src.address(),
+            src.len() * size_of::<T>(),
+            device.stream().cu_stream(),
+        )
+    }
+    .map_err(super::device::driver_error("copy device memory"))
+}

@@ -90,6 +90,18 @@ impl CudaDevice {
         Ok(count.max(0) as usize)
     }
 
+    /// The driver's CUDA version, as `(major, minor)`.
+    pub fn driver_version() -> Result<(i32, i32)> {
+        Self::count()?;
+        let mut version = 0;
+        // SAFETY: the driver library is loaded (checked by `count`); the call writes
+        // one integer.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .map_err(driver_error("read the driver version"))?;
+        Ok((version / 1000, (version % 1000) / 10))
+    }
+
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }

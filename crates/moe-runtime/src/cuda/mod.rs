@@ -22,7 +22,7 @@ pub(crate) use buffers::CudaBuffers;
 
 pub use align::{DeviceAlignOutput, align};
 pub use blas::{Blas, GemmOutput};
-pub use block_ops::{router_topk, silu_mul};
+pub use block_ops::{copy_device, router_topk, silu_mul};
 pub use device::CudaDevice;
 pub use memory::{
     DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,

@@ -206,7 +206,7 @@ pub struct DevicePermutedOwned {
 }
 
 impl DevicePermutedOwned {
-    pub fn output(&mut self) -> Result<DevicePermuteOutput<'_>> {
+    pub fn output(&self) -> Result<DevicePermuteOutput<'_>> {
         let spec = self.spec;
         let (config, buffers) = self.scratch.cuda_buffers()?;
         let entries = config.max_entries();

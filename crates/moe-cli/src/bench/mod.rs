@@ -1,0 +1,187 @@
+//! `moe bench`: permute, unpermute and the whole MoE block over the shapes serving
+//! stacks benchmark, with a reused scratch and allocating per call.
+
+mod cpu;
+mod gpu;
+mod report;
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use moe_runtime::Device;
+use serde::Serialize;
+
+use crate::DeviceChoice;
+use crate::run::choose_device;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// Every shape and token count on the CPU too (the CPU default is a short sweep).
+    #[arg(long)]
+    full: bool,
+    /// Shapes to run (mixtral, qwen3-30b-a3b, dsv3), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    shape: Vec<String>,
+    /// Token counts to run, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    tokens: Vec<usize>,
+    /// Leave out the whole-block measurements.
+    #[arg(long)]
+    no_block: bool,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "moe-bench.json")]
+    json: PathBuf,
+    /// Where to write the plot (SVG).
+    #[arg(long, default_value = "moe-bench.svg")]
+    svg: PathBuf,
+}
+
+/// A model's MoE layer shape.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct Shape {
+    pub(crate) name: &'static str,
+    pub(crate) hidden: usize,
+    pub(crate) experts: usize,
+    pub(crate) topk: usize,
+    /// Each expert's intermediate size, for the block.
+    pub(crate) intermediate: usize,
+}
+
+pub(crate) const SHAPES: [Shape; 3] = [
+    Shape {
+        name: "mixtral",
+        hidden: 4096,
+        experts: 8,
+        topk: 2,
+        intermediate: 14336,
+    },
+    Shape {
+        name: "qwen3-30b-a3b",
+        hidden: 2048,
+        experts: 128,
+        topk: 8,
+        intermediate: 768,
+    },
+    Shape {
+        name: "dsv3",
+        hidden: 7168,
+        experts: 256,
+        topk: 8,
+        intermediate: 2048,
+    },
+];
+
+pub(crate) const TOKENS: [usize; 8] = [1, 8, 32, 128, 512, 2048, 8192, 16384];
+/// The CPU's default sweep: about a minute on two cores.
+const CPU_TOKENS: [usize; 4] = [1, 8, 32, 128];
+const CPU_BLOCK_TOKENS: [usize; 2] = [1, 8];
+
+/// Bytes a bf16 permute or unpermute of `tokens` must move: each row read once and
+/// written `K` times, or `K` rows read and one written.
+pub(crate) fn bytes_moved(shape: &Shape, tokens: usize) -> u64 {
+    (2 * shape.hidden * (1 + shape.topk) * tokens) as u64
+}
+
+/// One measured operation.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Row {
+    pub(crate) shape: &'static str,
+    pub(crate) tokens: usize,
+    /// `permute`, `unpermute` or `block`.
+    pub(crate) op: &'static str,
+    /// Median microseconds per call with a reused scratch (GPU: CUDA-graph replay,
+    /// except the block, which waits on the host and is timed eagerly).
+    pub(crate) scratch_us: f64,
+    /// The same, allocating per call.
+    pub(crate) alloc_us: Option<f64>,
+    /// GPU: median microseconds per call launched eagerly (no graph), scratch / alloc.
+    pub(crate) eager_scratch_us: Option<f64>,
+    pub(crate) eager_alloc_us: Option<f64>,
+    /// Bytes the op must move (0 for the block, which is GEMM-bound).
+    pub(crate) bytes: u64,
+}
+
+/// What a run measured, and where.
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    pub(crate) device: String,
+    pub(crate) card: String,
+    /// Measured device-to-device (or memory-to-memory) copy bandwidth, read + write.
+    pub(crate) copy_gb_per_s: f64,
+    pub(crate) method: String,
+    pub(crate) rows: Vec<Row>,
+}
+
+/// The shapes and token counts to run: what was asked, or the device's default.
+fn plan(args: &BenchArgs, device: Device) -> anyhow::Result<(Vec<Shape>, Vec<usize>, Vec<usize>)> {
+    let shapes: Vec<Shape> = if args.shape.is_empty() {
+        SHAPES.to_vec()
+    } else {
+        let mut chosen = Vec::new();
+        for name in &args.shape {
+            match SHAPES.iter().find(|s| s.name == name) {
+                Some(shape) => chosen.push(*shape),
+                None => bail!(
+                    "unknown shape {name:?}; known: {}",
+                    SHAPES.map(|s| s.name).join(", ")
+                ),
+            }
+        }
+        chosen
+    };
+    if args.tokens.contains(&0) {
+        bail!("--tokens: token counts must be at least 1");
+    }
+    let small = device == Device::Cpu && !args.full;
+    let tokens = match (&args.tokens[..], small) {
+        ([], true) => CPU_TOKENS.to_vec(),
+        ([], false) => TOKENS.to_vec(),
+        (given, _) => given.to_vec(),
+    };
+    let block_tokens = match (&args.tokens[..], small, args.no_block) {
+        (_, _, true) => vec![],
+        ([], true, _) => CPU_BLOCK_TOKENS.to_vec(),
+        _ => tokens.clone(),
+    };
+    Ok((shapes, tokens, block_tokens))
+}
+
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let device = choose_device(args.device)?;
+    let (shapes, tokens, block_tokens) = plan(&args, device)?;
+    let report = match device {
+        Device::Cpu => cpu::run(&shapes, &tokens, &block_tokens)?,
+        Device::Cuda(ordinal) => gpu::run(ordinal, &shapes, &tokens, &block_tokens)?,
+    };
+    report::print_table(&report);
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(&args.svg, report::svg(&report))?;
+    eprintln!("wrote {} and {}", args.json.display(), args.svg.display());
+    Ok(())
+}
+
+/// Progress on stderr: `[step/total] what`.
+pub(crate) struct Progress {
+    step: usize,
+    total: usize,
+}
+
+impl Progress {
+    pub(crate) fn new(total: usize) -> Self {
+        Self { step: 0, total }
+    }
+
+    pub(crate) fn next(&mut self, what: std::fmt::Arguments<'_>) {
+        self.step += 1;
+        eprintln!("[{}/{}] {what}", self.step, self.total);
+    }
+}
+
+/// The median of `samples`.
+pub(crate) fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}

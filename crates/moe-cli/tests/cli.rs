@@ -1,0 +1,217 @@
+//! The `moe` binary as a user runs it: `info`, a short `bench`, `run` on a checkpoint,
+//! and one-line errors with a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use half::bf16;
+use moe_experts::{CpuMoeBlock, ExpertsKind, Layout, MoeConfig, MoeWeights, SharedWorkspace};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+fn moe(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .output()
+        .expect("the moe binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-cli-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const CONFIG: MoeConfig = MoeConfig {
+    hidden_size: 32,
+    intermediate_size: 48,
+    num_experts: 6,
+    top_k: 2,
+    norm_topk_prob: false,
+};
+
+/// A Qwen-layout checkpoint of random bf16 weights under `model.layers.5`.
+fn write_checkpoint(path: &Path, weights: &MoeWeights) {
+    let layout = Layout::QwenMoe;
+    let (h, i) = (weights.hidden_size, weights.intermediate_size);
+    let bytes = |v: &[bf16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut tensors = vec![(
+        layout.router("model.layers.5"),
+        vec![6, h],
+        bytes(&weights.router),
+    )];
+    for e in 0..6 {
+        let [g, u, d] = layout.expert("model.layers.5", e);
+        tensors.push((
+            g,
+            vec![i, h],
+            bytes(&weights.gate_proj[e * i * h..][..i * h]),
+        ));
+        tensors.push((u, vec![i, h], bytes(&weights.up_proj[e * i * h..][..i * h])));
+        tensors.push((
+            d,
+            vec![h, i],
+            bytes(&weights.down_proj[e * h * i..][..h * i]),
+        ));
+    }
+    let views = tensors.iter().map(|(n, s, b)| {
+        (
+            n.clone(),
+            TensorView::new(Dtype::BF16, s.clone(), b).unwrap(),
+        )
+    });
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn run_writes_the_block_output_and_routing() {
+    let dir = temp_dir("run");
+    let weights = MoeWeights::random(&CONFIG, 11);
+    write_checkpoint(&dir.join("w.safetensors"), &weights);
+    // f32 input: the output comes back in f32.
+    let tokens = 5;
+    let hidden: Vec<f32> = (0..tokens * 32)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+        .collect();
+    let input_bytes: Vec<u8> = hidden.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::F32, vec![tokens, 32], &input_bytes).unwrap();
+    safetensors::serialize_to_file([("hidden_states", view)], None, &dir.join("x.safetensors"))
+        .unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"num_experts_per_tok": 2, "norm_topk_prob": false, "num_experts": 6}"#,
+    )
+    .unwrap();
+
+    let path = |f: &str| dir.join(f).display().to_string();
+    let (ok, stdout, stderr) = moe(&[
+        "run",
+        "--weights",
+        &path("w.safetensors"),
+        "--prefix",
+        "model.layers.5",
+        "--input",
+        &path("x.safetensors"),
+        "--output",
+        &path("y.safetensors"),
+        "--config",
+        &path("config.json"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("5 tokens"), "{stdout}");
+
+    let bytes = std::fs::read(dir.join("y.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let out = file.tensor("hidden_states").unwrap();
+    assert_eq!((out.dtype(), out.shape()), (Dtype::F32, &[tokens, 32][..]));
+    let ids = file.tensor("topk_ids").unwrap();
+    assert_eq!((ids.dtype(), ids.shape()), (Dtype::I32, &[tokens, 2][..]));
+
+    // The same block run in-process gives the same output.
+    let hidden_bf16: Vec<bf16> = hidden.iter().map(|&x| bf16::from_f32(x)).collect();
+    let want = CpuMoeBlock::new(
+        CONFIG,
+        &weights,
+        ExpertsKind::Grouped,
+        SharedWorkspace::new(),
+        8,
+    )
+    .unwrap()
+    .forward(&hidden_bf16)
+    .unwrap();
+    let got: Vec<f32> = out
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let want_f32: Vec<f32> = want.hidden_states.iter().map(|v| v.to_f32()).collect();
+    assert_eq!(got, want_f32);
+    let got_ids: Vec<i32> = ids
+        .data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(got_ids, want.topk_ids);
+}
+
+#[test]
+fn bad_input_is_one_line_and_a_failure() {
+    let dir = temp_dir("errors");
+    let path = |f: &str| dir.join(f).display().to_string();
+    let (ok, _, stderr) = moe(&[
+        "run",
+        "--weights",
+        &path("missing.safetensors"),
+        "--prefix",
+        "p",
+        "--input",
+        &path("x.safetensors"),
+        "--output",
+        &path("y.safetensors"),
+    ]);
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("missing.safetensors"), "{stderr}");
+
+    write_checkpoint(&dir.join("w.safetensors"), &MoeWeights::random(&CONFIG, 2));
+    let (ok, _, stderr) = moe(&[
+        "run",
+        "--weights",
+        &path("w.safetensors"),
+        "--prefix",
+        "model.layers.5",
+        "--input",
+        &path("x.safetensors"),
+        "--output",
+        &path("y.safetensors"),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("top-k"), "{stderr}");
+
+    let (ok, _, stderr) = moe(&["bench", "--shape", "llama"]);
+    assert!(!ok && stderr.contains("unknown shape"), "{stderr}");
+    let (ok, _, _) = moe(&["bench", "--bogus"]);
+    assert!(!ok);
+}
+
+#[test]
+fn info_and_a_short_bench_run() {
+    let (ok, stdout, stderr) = moe(&["info"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("PTX: 21 kernels") && stdout.contains("best device"),
+        "{stdout}"
+    );
+
+    let dir = temp_dir("bench");
+    let json = dir.join("b.json").display().to_string();
+    let svg = dir.join("b.svg").display().to_string();
+    let (ok, stdout, stderr) = moe(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--shape",
+        "qwen3-30b-a3b",
+        "--tokens",
+        "1,4",
+        "--no-block",
+        "--json",
+        &json,
+        "--svg",
+        &svg,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("[1/5]"), "progress: {stderr}");
+    assert_eq!(stdout.matches("| qwen3-30b-a3b |").count(), 4, "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["rows"].as_array().unwrap().len(), 4);
+    assert!(report["rows"][0]["scratch_us"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+}
