@@ -8,8 +8,23 @@ use half::bf16;
 use moe_experts::{CpuMoeBlock, ExpertsKind, Layout, MoeConfig, MoeWeights, SharedWorkspace};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+/// The `moe` binary: where cargo built it, or, for test binaries copied to another
+/// machine with it (`.gpu/tests/` beside `.gpu/bin/`), next to them.
+fn moe_binary() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_moe"));
+    if built.exists() {
+        return built;
+    }
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|staged| staged.join("bin").join("moe"))
+        .filter(|staged| staged.exists())
+        .unwrap_or(built)
+}
+
 fn moe(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+    let out = Command::new(moe_binary())
         .args(args)
         .output()
         .expect("the moe binary runs");

@@ -196,3 +196,76 @@ fn the_device_scratch_is_built_lazily_once_and_shared_by_layers() {
     assert_eq!(first, address(&layers[0]));
     assert_eq!(first, address(&layers[2]));
 }
+
+#[test]
+fn the_router_and_activation_kernels_match_the_cpu() {
+    let Some(device) = gpu() else { return };
+    let stream = device.stream().clone();
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut unit = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for (tokens, experts, top_k, norm) in [
+        (1, 8, 2, true),
+        (300, 128, 8, true),
+        (77, 256, 8, false),
+        (5, 1000, 32, true),
+    ] {
+        let logits: Vec<f32> = (0..tokens * experts).map(|_| unit() * 8.0 - 4.0).collect();
+        let (mut ids, mut weights) = (vec![0i32; tokens * top_k], vec![0f32; tokens * top_k]);
+        moe_experts::route(&logits, experts, top_k, norm, &mut ids, &mut weights);
+        let d_logits = stream.clone_htod(&logits).unwrap();
+        let mut d_ids = stream.alloc_zeros::<i32>(tokens * top_k).unwrap();
+        let mut d_weights = stream.alloc_zeros::<f32>(tokens * top_k).unwrap();
+        cuda::router_topk(
+            &device,
+            DeviceView::new(&d_logits),
+            experts,
+            top_k,
+            norm,
+            moe_runtime::cuda::DeviceViewMut::new(&mut d_ids),
+            moe_runtime::cuda::DeviceViewMut::new(&mut d_weights),
+        )
+        .unwrap();
+        assert_eq!(
+            stream.clone_dtoh(&d_ids).unwrap(),
+            ids,
+            "E{experts} K{top_k}"
+        );
+        let got = stream.clone_dtoh(&d_weights).unwrap();
+        for (g, w) in got.iter().zip(&weights) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "{g} vs {w}");
+        }
+    }
+    // SiLU(gate) * up, rounded once to bf16.
+    let (rows, columns) = (37, 96);
+    let gate_up: Vec<bf16> = (0..rows * 2 * columns)
+        .map(|_| bf16::from_f32(unit() * 12.0 - 6.0))
+        .collect();
+    let d_gate_up = stream.clone_htod(&gate_up).unwrap();
+    let mut d_out = stream.alloc_zeros::<bf16>(rows * columns).unwrap();
+    cuda::silu_mul(
+        &device,
+        DeviceView::new(&d_gate_up),
+        rows,
+        columns,
+        moe_runtime::cuda::DeviceViewMut::new(&mut d_out),
+    )
+    .unwrap();
+    let got = stream.clone_dtoh(&d_out).unwrap();
+    for r in 0..rows {
+        for c in 0..columns {
+            let g = gate_up[r * 2 * columns + c].to_f32();
+            let u = gate_up[r * 2 * columns + columns + c].to_f32();
+            let want = g / (1.0 + (-g).exp()) * u;
+            let got = got[r * columns + c].to_f32();
+            assert!(
+                (got - want).abs() <= 1e-2 * want.abs().max(1e-2),
+                "{got} vs {want}"
+            );
+        }
+    }
+}
