@@ -90,21 +90,25 @@ impl CudaBuffers {
     }
 }
 
-/// A zeroed device buffer of `len` elements (at least one: a zero-size allocation is
-/// not a valid device address).
+/// A device buffer of `len` elements (at least one: a zero-size allocation is not a
+/// valid device address), left uninitialised.
+///
+/// Not zeroed, on purpose: every element a kernel reads is written earlier in the same
+/// call (rows past the valid count are "not written" by the contract, and are never
+/// read), so zeroing would only cost a pass over memory, which the allocating path's
+/// benchmark would then count against it.
 fn allocate<T: DeviceRepr + ValidAsZeroBits>(
     device: &CudaDevice,
     buffer: &'static str,
     len: usize,
 ) -> Result<CudaSlice<T>> {
-    device
-        .stream()
-        .alloc_zeros::<T>(len.max(1))
-        .map_err(|error| match error.0 {
-            cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => MoeError::OutOfMemory {
-                buffer,
-                bytes: (len * size_of::<T>()) as u128,
-            },
-            _ => driver_error("allocate the scratch")(error),
-        })
+    // SAFETY: the memory is only handed to kernels that write an element before any
+    // kernel reads it (see above); the host never reads it before a call has written it.
+    unsafe { device.stream().alloc::<T>(len.max(1)) }.map_err(|error| match error.0 {
+        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => MoeError::OutOfMemory {
+            buffer,
+            bytes: (len * size_of::<T>()) as u128,
+        },
+        _ => driver_error("allocate the scratch")(error),
+    })
 }

@@ -148,11 +148,17 @@ pub fn unpermute<T: Accumulate + DeviceRepr + ValidAsZeroBits>(
     input: &DeviceUnpermuteInput<'_>,
 ) -> Result<CudaSlice<T>> {
     let tokens = input.inv_permuted_idx.len() / input.topk.max(1);
-    let mut out = device
-        .stream()
-        .alloc_zeros::<T>((tokens * input.permuted_hidden_states.hidden_size()).max(1))
-        .map_err(driver_error("allocate the unpermute output"))?;
     let len = tokens * input.permuted_hidden_states.hidden_size();
+    let stream = device.stream();
+    let out = if len == 0 {
+        // An empty output still needs a valid address: one element, zeroed.
+        stream.alloc_zeros::<T>(1)
+    } else {
+        // SAFETY: `unpermute_into` writes every element before this returns the buffer
+        // (a validation failure returns the error, not the buffer).
+        unsafe { stream.alloc::<T>(len) }
+    };
+    let mut out = out.map_err(driver_error("allocate the unpermute output"))?;
     let view = DeviceViewMut::new(&mut out);
     // SAFETY: the first `len` elements of the allocation just made.
     let view = unsafe { DeviceViewMut::from_raw(view.address(), len, device.ordinal()) };
