@@ -88,28 +88,46 @@ fn combine(
     Ok(())
 }
 
-fn scratch_source(
-    config: &MoeConfig,
-    workspace: SharedWorkspace,
-    max_num_tokens: usize,
-) -> ScratchSource {
-    let request = ScratchConfig::new(
-        max_num_tokens,
-        config.top_k,
-        config.num_experts,
-        config.num_experts,
-        Device::Cpu,
-    );
-    ScratchSource { workspace, request }
+/// What every CPU backend holds: where its scratch comes from, and the block's shape.
+#[derive(Debug)]
+struct Base {
+    source: ScratchSource,
+    topk: usize,
+    hidden: usize,
+}
+
+impl Base {
+    /// A backend's base: a CPU scratch of `L == E` experts for `max_num_tokens`,
+    /// owning what `buffers` adds to the request.
+    fn new(
+        config: &MoeConfig,
+        workspace: SharedWorkspace,
+        max_num_tokens: usize,
+        buffers: impl FnOnce(ScratchConfig) -> ScratchConfig,
+    ) -> Self {
+        let request = ScratchConfig::new(
+            max_num_tokens,
+            config.top_k,
+            config.num_experts,
+            config.num_experts,
+            Device::Cpu,
+        );
+        Self {
+            source: ScratchSource {
+                workspace,
+                request: buffers(request),
+            },
+            topk: config.top_k,
+            hidden: config.hidden_size,
+        }
+    }
 }
 
 /// CUTLASS-style grouped experts: permute into the backend's own activation buffer,
 /// grouped GEMMs over `expert_first_token_offset`, unpermute.
 #[derive(Debug)]
 pub struct GroupedExperts {
-    source: ScratchSource,
-    topk: usize,
-    hidden: usize,
+    base: Base,
     /// The permuted activations: owned here, not by the scratch.
     permuted: Vec<bf16>,
 }
@@ -120,16 +138,14 @@ impl GroupedExperts {
     /// call.
     pub fn new(config: &MoeConfig, workspace: SharedWorkspace, max_num_tokens: usize) -> Self {
         Self {
-            source: scratch_source(config, workspace, max_num_tokens),
-            topk: config.top_k,
-            hidden: config.hidden_size,
+            base: Base::new(config, workspace, max_num_tokens, |request| request),
             permuted: Vec::new(),
         }
     }
 
     /// The permute scratch for a call of `num_tokens`, built on first use.
     pub fn get_permute_scratch(&self, num_tokens: usize) -> Result<ScratchGuard<'_>> {
-        self.source.get(num_tokens)
+        self.base.source.get(num_tokens)
     }
 }
 
@@ -139,7 +155,7 @@ impl CpuExperts for GroupedExperts {
     }
 
     fn use_workspace(&mut self, workspace: SharedWorkspace) {
-        self.source.workspace = workspace;
+        self.base.source.workspace = workspace;
     }
 
     fn apply(
@@ -150,13 +166,13 @@ impl CpuExperts for GroupedExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
-        let (h, k) = (self.hidden, self.topk);
+        let (h, k) = (self.base.hidden, self.base.topk);
         let ids = TopkIds::new(topk_ids, k)?;
         let entries = topk_ids.len();
         if self.permuted.len() < entries * h {
             self.permuted.resize(entries * h, bf16::ZERO);
         }
-        let mut scratch = self.source.get(ids.num_tokens())?;
+        let mut scratch = self.base.source.get(ids.num_tokens())?;
         let dest = PermuteDest {
             hidden_states: RowsMut::new(&mut self.permuted[..entries * h], h)?,
             scales: None,
@@ -181,25 +197,20 @@ impl CpuExperts for GroupedExperts {
 /// hidden size and dtype); the grouped GEMMs read it there.
 #[derive(Debug)]
 pub struct HummingExperts {
-    source: ScratchSource,
-    topk: usize,
-    hidden: usize,
+    base: Base,
 }
 
 impl HummingExperts {
     pub fn new(config: &MoeConfig, workspace: SharedWorkspace, max_num_tokens: usize) -> Self {
-        let mut source = scratch_source(config, workspace, max_num_tokens);
-        source.request = source.request.with_rows(config.hidden_size, DType::BF16);
+        let rows = |request: ScratchConfig| request.with_rows(config.hidden_size, DType::BF16);
         Self {
-            source,
-            topk: config.top_k,
-            hidden: config.hidden_size,
+            base: Base::new(config, workspace, max_num_tokens, rows),
         }
     }
 
     /// The permute scratch for a call of `num_tokens`, built on first use.
     pub fn get_permute_scratch(&self, num_tokens: usize) -> Result<ScratchGuard<'_>> {
-        self.source.get(num_tokens)
+        self.base.source.get(num_tokens)
     }
 }
 
@@ -209,7 +220,7 @@ impl CpuExperts for HummingExperts {
     }
 
     fn use_workspace(&mut self, workspace: SharedWorkspace) {
-        self.source.workspace = workspace;
+        self.base.source.workspace = workspace;
     }
 
     fn apply(
@@ -220,9 +231,9 @@ impl CpuExperts for HummingExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
-        let (h, k) = (self.hidden, self.topk);
+        let (h, k) = (self.base.hidden, self.base.topk);
         let ids = TopkIds::new(topk_ids, k)?;
-        let mut scratch = self.source.get(ids.num_tokens())?;
+        let mut scratch = self.base.source.get(ids.num_tokens())?;
         let input = PermuteInput::new(Rows::new(hidden, h)?, ids);
         let routed = cpu::permute(&mut scratch, &input)?;
         let rows = routed.permuted_hidden_states.as_slice::<bf16>()?;
@@ -244,9 +255,7 @@ impl CpuExperts for HummingExperts {
 /// index: no row is moved before the GEMMs.
 #[derive(Debug)]
 pub struct IndexedExperts {
-    source: ScratchSource,
-    topk: usize,
-    hidden: usize,
+    base: Base,
 }
 
 impl IndexedExperts {
@@ -256,18 +265,15 @@ impl IndexedExperts {
         max_num_tokens: usize,
         block_size: usize,
     ) -> Self {
-        let mut source = scratch_source(config, workspace, max_num_tokens);
-        source.request = source.request.with_align_block_size(block_size);
+        let align = |request: ScratchConfig| request.with_align_block_size(block_size);
         Self {
-            source,
-            topk: config.top_k,
-            hidden: config.hidden_size,
+            base: Base::new(config, workspace, max_num_tokens, align),
         }
     }
 
     /// The permute scratch for a call of `num_tokens`, built on first use.
     pub fn get_permute_scratch(&self, num_tokens: usize) -> Result<ScratchGuard<'_>> {
-        self.source.get(num_tokens)
+        self.base.source.get(num_tokens)
     }
 }
 
@@ -277,7 +283,7 @@ impl CpuExperts for IndexedExperts {
     }
 
     fn use_workspace(&mut self, workspace: SharedWorkspace) {
-        self.source.workspace = workspace;
+        self.base.source.workspace = workspace;
     }
 
     fn apply(
@@ -288,10 +294,10 @@ impl CpuExperts for IndexedExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
-        let (h, k) = (self.hidden, self.topk);
+        let (h, k) = (self.base.hidden, self.base.topk);
         let ids = TopkIds::new(topk_ids, k)?;
         let entries = topk_ids.len();
-        let mut scratch = self.source.get(ids.num_tokens())?;
+        let mut scratch = self.base.source.get(ids.num_tokens())?;
         let aligned = cpu::align(&mut scratch, &ids, None)?;
         let block = aligned.block_size;
         let padded = aligned.num_rows_post_padded;

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConfigError, DType, Device, ScratchMismatch};
+use crate::{ConfigError, DType, Device, MoeError, ScratchMismatch};
 
 /// The largest index the runtime stores: `permuted_idx`, `inv_permuted_idx` and
 /// `sorted_ids` are `i32`, and `N*K` is itself the sentinel for dropped entries.
@@ -31,6 +31,70 @@ pub struct RowSpec {
 impl RowSpec {
     pub fn row_bytes(&self) -> usize {
         self.hidden_size * self.dtype.size_bytes()
+    }
+
+    /// Checks a permute's inputs against `N`: one row of hidden states, and one of
+    /// scales when given, per token (the same on every device).
+    pub(crate) fn check_input_rows(
+        num_tokens: usize,
+        hidden_rows: usize,
+        scale_rows: Option<usize>,
+    ) -> Result<(), MoeError> {
+        let mismatch = [("hidden_states", Some(hidden_rows)), ("scales", scale_rows)]
+            .into_iter()
+            .find(|(_, rows)| rows.is_some_and(|rows| rows != num_tokens));
+        match mismatch {
+            Some((tensor, rows)) => Err(MoeError::Shape {
+                tensor,
+                len: rows.unwrap_or(0),
+                expected: format!("one row per token of topk_ids ({num_tokens})"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a caller's permute destination for `entries` rows of this spec: the
+    /// same dtype and hidden size, room for every row, and scales exactly when the
+    /// input has them (the same on every device).
+    pub(crate) fn check_destination(
+        &self,
+        entries: usize,
+        dtype: DType,
+        hidden_size: usize,
+        bytes: usize,
+        scales_len: Option<usize>,
+    ) -> Result<(), MoeError> {
+        if dtype != self.dtype {
+            return Err(MoeError::Dtype {
+                tensor: "permuted_hidden_states",
+                op: "permute",
+                expected: self.dtype,
+                got: dtype,
+            });
+        }
+        if hidden_size != self.hidden_size || bytes < entries * self.row_bytes() {
+            return Err(MoeError::Shape {
+                tensor: "permuted_hidden_states",
+                len: bytes / dtype.size_bytes(),
+                expected: format!("at least N*K = {entries} rows of {}", self.hidden_size),
+            });
+        }
+        let columns = self.scale_columns;
+        let scales_fit = match scales_len {
+            None => columns == 0,
+            Some(len) => columns > 0 && len >= entries * columns,
+        };
+        if !scales_fit {
+            return Err(MoeError::Shape {
+                tensor: "permuted_scales",
+                len: scales_len.unwrap_or(0),
+                expected: format!(
+                    "at least N*K*S = {} (given exactly when the input has scales)",
+                    entries * columns
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

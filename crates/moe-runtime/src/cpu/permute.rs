@@ -58,24 +58,11 @@ impl<'a> PermuteInput<'a> {
 
     /// Checks that every tensor agrees on `N`.
     fn check_shapes(&self) -> Result<()> {
-        let num_tokens = self.topk_ids.num_tokens();
-        if self.hidden_states.num_rows() != num_tokens {
-            return Err(MoeError::Shape {
-                tensor: "hidden_states",
-                len: self.hidden_states.num_rows(),
-                expected: format!("one row per token of topk_ids ({num_tokens})"),
-            });
-        }
-        if let Some(scales) = self.scales
-            && scales.num_rows() != num_tokens
-        {
-            return Err(MoeError::Shape {
-                tensor: "scales",
-                len: scales.num_rows(),
-                expected: format!("one row per token of topk_ids ({num_tokens})"),
-            });
-        }
-        Ok(())
+        RowSpec::check_input_rows(
+            self.topk_ids.num_tokens(),
+            self.hidden_states.num_rows(),
+            self.scales.map(|scales| scales.num_rows()),
+        )
     }
 
     fn call_shape(&self, rows: Option<RowSpec>) -> CallShape<'static> {
@@ -163,36 +150,11 @@ pub fn permute_into<'o>(
     let entries = input.topk_ids.ids().len();
     let spec = input.row_spec();
     let (rows, dtype, hidden_size) = dest.hidden_states.into_parts();
-    if dtype != spec.dtype {
-        return Err(MoeError::Dtype {
-            tensor: "permuted_hidden_states",
-            op: "permute",
-            expected: spec.dtype,
-            got: dtype,
-        });
-    }
-    if hidden_size != spec.hidden_size || rows.len() < entries * spec.row_bytes() {
-        return Err(MoeError::Shape {
-            tensor: "permuted_hidden_states",
-            len: rows.len() / dtype.size_bytes(),
-            expected: format!("at least N*K = {entries} rows of {}", spec.hidden_size),
-        });
-    }
-    let scales = match (dest.scales, spec.scale_columns) {
-        (None, 0) => &mut [][..],
-        (Some(scales), columns) if columns > 0 && scales.len() >= entries * columns => {
-            &mut scales[..entries * columns]
-        }
-        (scales, columns) => {
-            return Err(MoeError::Shape {
-                tensor: "permuted_scales",
-                len: scales.map_or(0, |s| s.len()),
-                expected: format!(
-                    "at least N*K*S = {} (given exactly when the input has scales)",
-                    entries * columns
-                ),
-            });
-        }
+    let scales_len = dest.scales.as_ref().map(|scales| scales.len());
+    spec.check_destination(entries, dtype, hidden_size, rows.len(), scales_len)?;
+    let scales = match dest.scales {
+        Some(scales) => &mut scales[..entries * spec.scale_columns],
+        None => &mut [][..],
     };
     let rows = &mut rows[..entries * spec.row_bytes()];
     let (config, buffers) = scratch.cpu_buffers()?;

@@ -15,7 +15,7 @@ use super::memory::{
     DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,
     DeviceViewMut,
 };
-use crate::{CallShape, MoeError, PermuteScratch, Result, RowSpec, ScratchConfig};
+use crate::{CallShape, PermuteScratch, Result, RowSpec, ScratchConfig};
 
 /// The inputs of permute, in device memory.
 #[derive(Clone, Copy, Debug)]
@@ -61,22 +61,11 @@ impl<'a> DevicePermuteInput<'a> {
 
     fn check(&self, scratch: &PermuteScratch, rows: Option<RowSpec>) -> Result<()> {
         let num_tokens = self.topk_ids.num_tokens();
-        if self.hidden_states.num_rows() != num_tokens {
-            return Err(MoeError::Shape {
-                tensor: "hidden_states",
-                len: self.hidden_states.num_rows(),
-                expected: format!("one row per token of topk_ids ({num_tokens})"),
-            });
-        }
-        if let Some(scales) = self.scales
-            && scales.num_rows() != num_tokens
-        {
-            return Err(MoeError::Shape {
-                tensor: "scales",
-                len: scales.num_rows(),
-                expected: format!("one row per token of topk_ids ({num_tokens})"),
-            });
-        }
+        RowSpec::check_input_rows(
+            num_tokens,
+            self.hidden_states.num_rows(),
+            self.scales.map(|scales| scales.num_rows()),
+        )?;
         let mut devices = vec![
             ("hidden_states", self.hidden_states.bytes().device()),
             ("topk_ids", self.topk_ids.ids().device()),
@@ -148,14 +137,8 @@ pub fn permute_into<'o>(
     let spec = input.row_spec();
     let entries = input.topk_ids.ids().len();
     let (rows, dtype, hidden_size) = dest.hidden_states.into_parts();
-    if dtype != spec.dtype {
-        return Err(MoeError::Dtype {
-            tensor: "permuted_hidden_states",
-            op: "permute",
-            expected: spec.dtype,
-            got: dtype,
-        });
-    }
+    let scales_len = dest.scales.as_ref().map(|scales| scales.len());
+    spec.check_destination(entries, dtype, hidden_size, rows.len(), scales_len)?;
     let device = scratch.device();
     let wrong_device = [rows.device()]
         .into_iter()
@@ -169,27 +152,7 @@ pub fn permute_into<'o>(
         }
         .into());
     }
-    if hidden_size != spec.hidden_size || rows.len() < entries * spec.row_bytes() {
-        return Err(MoeError::Shape {
-            tensor: "permuted_hidden_states",
-            len: rows.len() / dtype.size_bytes(),
-            expected: format!("at least N*K = {entries} rows of {}", spec.hidden_size),
-        });
-    }
-    let scales = match (dest.scales, spec.scale_columns) {
-        (None, 0) => None,
-        (Some(scales), columns) if columns > 0 && scales.len() >= entries * columns => Some(scales),
-        (scales, columns) => {
-            return Err(MoeError::Shape {
-                tensor: "permuted_scales",
-                len: scales.map_or(0, |s| s.len()),
-                expected: format!(
-                    "at least N*K*S = {} (given exactly when the input has scales)",
-                    entries * columns
-                ),
-            });
-        }
-    };
+    let scales = dest.scales;
     let (config, buffers) = scratch.cuda_buffers()?;
     let rows = rows.into_view().prefix(entries * spec.row_bytes());
     let scales = scales.map(|scales| scales.into_view().prefix(entries * spec.scale_columns));
