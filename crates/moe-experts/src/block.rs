@@ -113,7 +113,7 @@ impl CpuMoeBlock {
             self.config.norm_topk_prob,
             &mut topk_ids,
             &mut topk_weights,
-        );
+        )?;
         let mut out = vec![bf16::ZERO; tokens * h];
         self.experts.apply(
             &self.weights,

@@ -1,12 +1,15 @@
 //! The router: softmax over each token's expert logits, top-k, optional
 //! renormalisation, as Mixtral and Qwen2/Qwen3-MoE define it.
 
+use crate::{ExpertsError, Result};
+
 /// Routes every token from its `E` logits: the `K` experts with the largest logits (a
 /// tie goes to the lower expert id; softmax is monotonic, so these are the `K` most
 /// probable), weighted by their softmax probability, renormalised to sum to 1 when
 /// `norm_topk_prob`. Writes `topk_ids` and `topk_weights` (`[N, K]` each).
 ///
-/// The GPU's `router_topk` kernel computes the same function.
+/// The GPU's `router_topk` kernel computes the same function. Fails, without writing,
+/// when `top_k` is not in `1..=num_experts` or the slices do not hold whole tokens.
 pub fn route(
     logits: &[f32],
     num_experts: usize,
@@ -14,7 +17,25 @@ pub fn route(
     norm_topk_prob: bool,
     topk_ids: &mut [i32],
     topk_weights: &mut [f32],
-) {
+) -> Result<()> {
+    if top_k == 0 || top_k > num_experts {
+        return Err(ExpertsError::Config(format!(
+            "top_k {top_k} must be in 1..={num_experts} (num_experts)"
+        )));
+    }
+    let tokens = logits.len() / num_experts;
+    let whole = logits.len() % num_experts == 0
+        && topk_ids.len() == tokens * top_k
+        && topk_weights.len() == tokens * top_k;
+    if !whole {
+        return Err(ExpertsError::Shape {
+            tensor: "logits",
+            len: logits.len(),
+            expected: format!(
+                "whole tokens of {num_experts} logits, with topk_ids and topk_weights of {top_k} each"
+            ),
+        });
+    }
     for ((logits, ids), weights) in logits
         .chunks_exact(num_experts)
         .zip(topk_ids.chunks_exact_mut(top_k))
@@ -35,7 +56,8 @@ pub fn route(
                     best = Some(e);
                 }
             }
-            let best = best.expect("top_k <= num_experts");
+            // Some: k < top_k <= num_experts, so an expert is left to choose.
+            let best = best.unwrap_or_default();
             ids[k] = best as i32;
             weights[k] = (logits[best] - max).exp();
             chosen_total += weights[k];
@@ -45,6 +67,7 @@ pub fn route(
             *w /= denominator;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -55,13 +78,15 @@ mod tests {
     fn picks_the_largest_logits_and_normalises() {
         let logits = [0.5f32, 2.0, -1.0, 2.0, 1.0];
         let (mut ids, mut weights) = ([0i32; 3], [0f32; 3]);
-        route(&logits, 5, 3, false, &mut ids, &mut weights);
+        route(&logits, 5, 3, false, &mut ids, &mut weights).unwrap();
         // The tie between experts 1 and 3 goes to 1.
         assert_eq!(ids, [1, 3, 4]);
         let total: f32 = logits.iter().map(|l| (l - 2.0f32).exp()).sum();
         assert!((weights[0] - 1.0 / total).abs() < 1e-6);
         assert!((weights[2] - (-1.0f32).exp() / total).abs() < 1e-6);
-        route(&logits, 5, 3, true, &mut ids, &mut weights);
+        route(&logits, 5, 3, true, &mut ids, &mut weights).unwrap();
+        assert!(route(&logits, 5, 6, true, &mut ids, &mut weights).is_err());
+        assert!(route(&logits[..4], 5, 3, true, &mut ids, &mut weights).is_err());
         assert!((weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!((weights[0] - weights[1]).abs() < 1e-7);
     }

@@ -216,7 +216,7 @@ fn the_router_and_activation_kernels_match_the_cpu() {
     ] {
         let logits: Vec<f32> = (0..tokens * experts).map(|_| unit() * 8.0 - 4.0).collect();
         let (mut ids, mut weights) = (vec![0i32; tokens * top_k], vec![0f32; tokens * top_k]);
-        moe_experts::route(&logits, experts, top_k, norm, &mut ids, &mut weights);
+        moe_experts::route(&logits, experts, top_k, norm, &mut ids, &mut weights).unwrap();
         let d_logits = stream.clone_htod(&logits).unwrap();
         let mut d_ids = stream.alloc_zeros::<i32>(tokens * top_k).unwrap();
         let mut d_weights = stream.alloc_zeros::<f32>(tokens * top_k).unwrap();
