@@ -200,7 +200,7 @@ fn info_and_a_short_bench_run() {
     let (ok, stdout, stderr) = moe(&["info"]);
     assert!(ok, "{stderr}");
     assert!(
-        stdout.contains("PTX: 23 kernels") && stdout.contains("best device"),
+        stdout.contains("PTX: 21 kernels") && stdout.contains("best device"),
         "{stdout}"
     );
 

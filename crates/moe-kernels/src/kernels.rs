@@ -103,14 +103,6 @@ pub const fn unpermute(float: Float, vector: bool) -> &'static str {
     }
 }
 
-/// `permute_fused_*`: a small permute, routing and rows, in one block and one launch.
-pub const fn permute_fused(ids: IdWidth) -> &'static str {
-    match ids {
-        IdWidth::I32 => "permute_fused_i32",
-        IdWidth::I64 => "permute_fused_i64",
-    }
-}
-
 /// `router_topk`: the MoE block's router.
 pub const ROUTER_TOPK: &str = "router_topk";
 
@@ -118,7 +110,7 @@ pub const ROUTER_TOPK: &str = "router_topk";
 pub const SILU_MUL_BF16: &str = "silu_mul_bf16";
 
 /// Every entry point of the module.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 21] = [
     route_count(false, IdWidth::I32),
     route_count(false, IdWidth::I64),
     route_count(true, IdWidth::I32),
@@ -140,6 +132,4 @@ pub const ALL: [&str; 23] = [
     unpermute(Float::BF16, false),
     ROUTER_TOPK,
     SILU_MUL_BF16,
-    permute_fused(IdWidth::I32),
-    permute_fused(IdWidth::I64),
 ];

@@ -163,19 +163,6 @@ pub struct UnpermuteParams {
     pub output: u64,
 }
 
-/// The most bytes of permuted rows (`N*K*row_bytes`) a single-block permute copies
-/// itself, in its one launch (`permute_fused_*`), instead of launching the row scatter.
-pub const FUSED_PERMUTE_MAX_BYTES: u32 = 256 * 1024;
-
-/// Arguments of `permute_fused_*`: a whole small permute in one block and one launch,
-/// the routing of a single chunk, then the rows (16-byte vectors only).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FusedPermuteParams {
-    pub route: RouteParams,
-    pub rows: PermuteRowsParams,
-}
-
 /// Threads in a block of `router_topk`: one warp per token.
 pub const ROUTER_THREADS: u32 = 128;
 /// The most experts a token may choose on the GPU router.
@@ -230,7 +217,6 @@ const _: () = {
     assert!(size_of::<PermuteRowsParams>() == 72 && align_of::<PermuteRowsParams>() == 8);
     assert!(size_of::<UnpermuteParams>() == 64 && align_of::<UnpermuteParams>() == 8);
     assert!(size_of::<RouterParams>() == 40 && align_of::<RouterParams>() == 8);
-    assert!(size_of::<FusedPermuteParams>() == 176 && align_of::<FusedPermuteParams>() == 8);
     assert!(size_of::<SiluMulParams>() == 24 && align_of::<SiluMulParams>() == 8);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
     // Per-warp counts are 16-bit: a warp's share of a chunk must fit.
@@ -253,8 +239,6 @@ mod device_repr {
     unsafe impl cudarc::driver::DeviceRepr for UnpermuteParams {}
     // SAFETY: as above.
     unsafe impl cudarc::driver::DeviceRepr for RouterParams {}
-    // SAFETY: as above (two such blocks side by side, both 8-byte aligned).
-    unsafe impl cudarc::driver::DeviceRepr for FusedPermuteParams {}
     // SAFETY: as above.
     unsafe impl cudarc::driver::DeviceRepr for SiluMulParams {}
 }

@@ -9,26 +9,8 @@ mod intrinsics;
 mod route;
 mod rows;
 
-use crate::params::{
-    FusedPermuteParams, PermuteRowsParams, ROUTE_THREADS, RouteParams, RouterParams, SiluMulParams,
-    UnpermuteParams,
-};
+use crate::params::{PermuteRowsParams, RouteParams, RouterParams, SiluMulParams, UnpermuteParams};
 use rows::{BF16, F16, F32, V16};
-
-/// A small permute in one block: the single-chunk routing, a barrier (which also makes
-/// the block's global writes of the routing visible to all its threads), the rows.
-///
-/// # Safety
-/// One block of `ROUTE_THREADS`; `num_chunks == 1`; rows 16-byte multiples and aligned.
-#[inline(always)]
-unsafe fn permute_fused<I: route::ExpertId>(p: &FusedPermuteParams) {
-    // SAFETY: the host launched one block for a single-chunk call and sized the buffers.
-    unsafe {
-        route::route_place::<I, false>(&p.route);
-        intrinsics::sync_threads();
-        rows::permute_rows_in_block(&p.rows, ROUTE_THREADS);
-    }
-}
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
@@ -72,7 +54,5 @@ kernels! {
     unpermute_bf16_v16(p: UnpermuteParams) => rows::unpermute::<BF16, 8, true>(p);
     unpermute_bf16_v1(p: UnpermuteParams) => rows::unpermute::<BF16, 1, false>(p);
     router_topk(p: RouterParams) => block::router_topk(p);
-    permute_fused_i32(p: FusedPermuteParams) => permute_fused::<i32>(p);
-    permute_fused_i64(p: FusedPermuteParams) => permute_fused::<i64>(p);
     silu_mul_bf16(p: SiluMulParams) => block::silu_mul_bf16(p);
 }

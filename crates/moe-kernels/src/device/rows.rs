@@ -102,54 +102,6 @@ pub(crate) unsafe fn permute_rows<V: Copy + Default>(p: &PermuteRowsParams) {
 
 const ROW_THREADS_U: u32 = crate::params::ROW_THREADS;
 
-/// The row scatter of a whole (small) call by one block of `threads`, after the same
-/// block routed it: each thread takes 16-byte vectors of the source rows in turn and
-/// stores them to their kept rows; then the scales.
-///
-/// # Safety
-/// One block, every thread calling; rows are multiples of 16 bytes and 16-byte
-/// aligned; the routing outputs of this call are written and visible (the caller
-/// synchronised the block); buffers sized by the host.
-#[inline(always)]
-pub(crate) unsafe fn permute_rows_in_block(p: &PermuteRowsParams, threads: u32) {
-    let topk = p.dims.topk;
-    let entries = p.dims.num_entries();
-    let row_bytes = p.layout.row_bytes as usize;
-    let vectors = (row_bytes / 16) as u32;
-    let total = p.dims.num_tokens * vectors;
-    // SAFETY: tokens, vectors and rows as in `permute_rows`.
-    unsafe {
-        let valid = valid_rows(p.expert_offsets, p.dims.num_local_experts + 1, entries);
-        let mut index = thread();
-        while index < total {
-            let (token, v) = (index / vectors, index % vectors);
-            let x = *(p.hidden_states as *const V16).add(index as usize);
-            let inv = (p.inv_permuted_idx as *const i32).add((token * topk) as usize);
-            for k in 0..topk {
-                let row = *inv.add(k as usize) as u32;
-                if row < valid {
-                    *(p.permuted_hidden_states as *mut V16).add((row * vectors + v) as usize) = x;
-                }
-            }
-            index += threads;
-        }
-        let columns = p.layout.scale_columns;
-        let mut index = thread();
-        while index < p.dims.num_tokens * columns {
-            let (token, s) = (index / columns, index % columns);
-            let scale = *(p.scales as *const f32).add(index as usize);
-            let inv = (p.inv_permuted_idx as *const i32).add((token * topk) as usize);
-            for k in 0..topk {
-                let row = *inv.add(k as usize) as u32;
-                if row < valid {
-                    *(p.permuted_scales as *mut f32).add((row * columns + s) as usize) = scale;
-                }
-            }
-            index += threads;
-        }
-    }
-}
-
 /// An element type unpermute sums in f32: its bits, widened and narrowed.
 pub(crate) trait Float: Copy + Default {
     fn widen(self) -> f32;

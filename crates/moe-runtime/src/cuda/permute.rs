@@ -4,9 +4,8 @@ use std::sync::Arc;
 
 use moe_kernels::kernels::{self, IdWidth, RowVector};
 use moe_kernels::{
-    AlignDims, FUSED_PERMUTE_MAX_BYTES, FusedPermuteParams, PERMUTE_VECTORS_PER_THREAD,
-    PermuteRowsParams, ROUTE_THREADS, ROW_THREADS, RouteParams, RoutingDims, RowLayout,
-    blocks_per_row,
+    AlignDims, PERMUTE_VECTORS_PER_THREAD, PermuteRowsParams, ROW_THREADS, RouteParams,
+    RoutingDims, RowLayout, blocks_per_row,
 };
 
 use super::buffers::CudaBuffers;
@@ -109,7 +108,7 @@ pub struct DevicePermuteOutput<'a> {
     pub permuted_idx: DeviceView<'a, i32>,
 }
 
-/// Permutes into the scratch's own `permuted_hidden_states`. Queues 1 to 4 kernels on
+/// Permutes into the scratch's own `permuted_hidden_states`. Queues 2 to 4 kernels on
 /// the scratch's stream; allocates nothing and never waits for the device, so it can
 /// be captured in a CUDA graph.
 pub fn permute<'s>(
@@ -244,6 +243,7 @@ fn enqueue(
         DeviceExpertIds::I32(_) => IdWidth::I32,
         DeviceExpertIds::I64(_) => IdWidth::I64,
     };
+    route(&buffers.device, &route_params, false, ids)?;
 
     let source = input.hidden_states.bytes().address();
     let row_bytes = input.hidden_states.row_bytes();
@@ -261,25 +261,6 @@ fn enqueue(
         permuted_scales: scales,
     };
     let vector = RowVector::for_layout(row_bytes, source | rows);
-    // A small call is one launch: the routing block copies the rows itself.
-    let rows_bytes = dims.num_entries() as u64 * row_bytes as u64;
-    if num_chunks == 1
-        && vector == RowVector::Bytes16
-        && rows_bytes <= FUSED_PERMUTE_MAX_BYTES as u64
-    {
-        let fused = FusedPermuteParams {
-            route: route_params,
-            rows: rows_params,
-        };
-        return launch(
-            &buffers.device,
-            kernels::permute_fused(ids),
-            1,
-            ROUTE_THREADS,
-            &fused,
-        );
-    }
-    route(&buffers.device, &route_params, false, ids)?;
     let vectors = row_bytes / vector.bytes();
     let parts = blocks_per_row(vectors as u32, PERMUTE_VECTORS_PER_THREAD, dims.num_tokens);
     launch(
