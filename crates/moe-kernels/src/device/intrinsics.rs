@@ -19,13 +19,6 @@ pub(crate) fn block() -> u32 {
     unsafe { nvptx::_block_idx_x() as u32 }
 }
 
-/// Threads in a block (x dimension).
-#[inline(always)]
-pub(crate) fn block_dim() -> u32 {
-    // SAFETY: reads the %ntid.x special register.
-    unsafe { nvptx::_block_dim_x() as u32 }
-}
-
 #[inline(always)]
 pub(crate) fn lane() -> u32 {
     thread() & 31
