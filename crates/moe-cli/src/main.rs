@@ -70,7 +70,26 @@ pub(crate) struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            match error.kind() {
+                // --help, --version and a bare `moe` print what was asked for.
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => error.exit(),
+                // A bad argument: one line, and where to look.
+                _ => {
+                    let message = error.to_string();
+                    let first = message.lines().next().unwrap_or("bad arguments");
+                    let first = first.trim_start_matches("error: ");
+                    eprintln!("moe: error: {first} (see moe --help)");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
     let result = match cli.command {
         Command::Info => info::run(),
         Command::Bench(args) => bench::run(args),

@@ -191,8 +191,12 @@ fn bad_input_is_one_line_and_a_failure() {
 
     let (ok, _, stderr) = moe(&["bench", "--shape", "llama"]);
     assert!(!ok && stderr.contains("unknown shape"), "{stderr}");
-    let (ok, _, _) = moe(&["bench", "--bogus"]);
+    let (ok, _, stderr) = moe(&["bench", "--bogus"]);
     assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--bogus"), "{stderr}");
+    let (ok, stdout, _) = moe(&["bench", "--help"]);
+    assert!(ok && stdout.contains("--tokens"), "{stdout}");
 }
 
 #[test]
