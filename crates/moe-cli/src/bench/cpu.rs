@@ -8,7 +8,7 @@ use moe_runtime::cpu::{self, PermuteInput, UnpermuteInput};
 use moe_runtime::{DType, Device, PermuteScratch, Rows, ScratchConfig, TopkIds};
 use rayon::prelude::*;
 
-use super::{Progress, Report, Row, Shape, bytes_moved, median};
+use super::{Progress, Report, Row, Shape, median};
 
 /// Random routing and data: each token picks `K` distinct experts uniformly.
 pub(crate) struct Inputs {
@@ -116,16 +116,7 @@ pub(crate) fn run(
                 cpu::permute_alloc(&input, shape.experts, shape.experts)?;
                 Ok(())
             })?;
-            rows.push(Row {
-                shape: shape.name,
-                tokens: n,
-                op: "permute",
-                scratch_us,
-                alloc_us: Some(alloc_us),
-                eager_scratch_us: None,
-                eager_alloc_us: None,
-                bytes: bytes_moved(shape, n),
-            });
+            rows.push(Row::new(shape, n, "permute", scratch_us, alloc_us));
 
             progress.next(format_args!("{} N={n} unpermute", shape.name));
             let routed = cpu::permute(&mut scratch, &input)?;
@@ -143,16 +134,7 @@ pub(crate) fn run(
                 cpu::unpermute(&combine)?;
                 Ok(())
             })?;
-            rows.push(Row {
-                shape: shape.name,
-                tokens: n,
-                op: "unpermute",
-                scratch_us,
-                alloc_us: Some(alloc_us),
-                eager_scratch_us: None,
-                eager_alloc_us: None,
-                bytes: bytes_moved(shape, n),
-            });
+            rows.push(Row::new(shape, n, "unpermute", scratch_us, alloc_us));
         }
         if block_tokens.is_empty() {
             continue;
@@ -200,16 +182,7 @@ pub(crate) fn run(
                     Ok(())
                 }
             })?;
-            rows.push(Row {
-                shape: shape.name,
-                tokens: n,
-                op: "block",
-                scratch_us,
-                alloc_us: Some(alloc_us),
-                eager_scratch_us: None,
-                eager_alloc_us: None,
-                bytes: 0,
-            });
+            rows.push(Row::new(shape, n, "block", scratch_us, alloc_us));
         }
     }
     Ok(Report {

@@ -154,16 +154,16 @@ pub(crate) fn run(
                 )?;
                 Ok(())
             })?;
-            rows.push(Row {
-                shape: shape.name,
-                tokens: n,
-                op: "permute",
-                scratch_us: scratch_graph.unwrap_or(scratch_eager),
-                alloc_us: Some(alloc_graph.unwrap_or(alloc_eager)),
-                eager_scratch_us: Some(scratch_eager),
-                eager_alloc_us: Some(alloc_eager),
-                bytes,
-            });
+            rows.push(
+                Row::new(
+                    shape,
+                    n,
+                    "permute",
+                    scratch_graph.unwrap_or(scratch_eager),
+                    alloc_graph.unwrap_or(alloc_eager),
+                )
+                .with_eager(scratch_eager, alloc_eager),
+            );
 
             progress.next(format_args!("{} N={n} unpermute", shape.name));
             let routed: Vec<DevicePermutedOwned> = device_sets
@@ -202,16 +202,16 @@ pub(crate) fn run(
                 cuda::unpermute::<bf16>(&device, &combines[s])?;
                 Ok(())
             })?;
-            rows.push(Row {
-                shape: shape.name,
-                tokens: n,
-                op: "unpermute",
-                scratch_us: scratch_graph.unwrap_or(scratch_eager),
-                alloc_us: Some(alloc_graph.unwrap_or(alloc_eager)),
-                eager_scratch_us: Some(scratch_eager),
-                eager_alloc_us: Some(alloc_eager),
-                bytes,
-            });
+            rows.push(
+                Row::new(
+                    shape,
+                    n,
+                    "unpermute",
+                    scratch_graph.unwrap_or(scratch_eager),
+                    alloc_graph.unwrap_or(alloc_eager),
+                )
+                .with_eager(scratch_eager, alloc_eager),
+            );
         }
         if block_tokens.is_empty() {
             continue;
@@ -259,16 +259,7 @@ pub(crate) fn run(
             };
             let scratch_us = time_block(false)?;
             let alloc_us = time_block(true)?;
-            rows.push(Row {
-                shape: shape.name,
-                tokens: n,
-                op: "block",
-                scratch_us,
-                alloc_us: Some(alloc_us),
-                eager_scratch_us: None,
-                eager_alloc_us: None,
-                bytes: 0,
-            });
+            rows.push(Row::new(shape, n, "block", scratch_us, alloc_us));
         }
     }
     Ok(Report {

@@ -104,6 +104,40 @@ pub(crate) struct Row {
     pub(crate) bytes: u64,
 }
 
+impl Row {
+    /// A measurement of `op` (`permute` / `unpermute` move bytes; the block does not)
+    /// with a reused scratch and allocating per call, on the main timer.
+    pub(crate) fn new(
+        shape: &Shape,
+        tokens: usize,
+        op: &'static str,
+        scratch_us: f64,
+        alloc_us: f64,
+    ) -> Self {
+        Self {
+            shape: shape.name,
+            tokens,
+            op,
+            scratch_us,
+            alloc_us: Some(alloc_us),
+            eager_scratch_us: None,
+            eager_alloc_us: None,
+            bytes: if op == "block" {
+                0
+            } else {
+                bytes_moved(shape, tokens)
+            },
+        }
+    }
+
+    /// The same, with eager-launch timings beside the graph-replay ones.
+    pub(crate) fn with_eager(mut self, scratch_us: f64, alloc_us: f64) -> Self {
+        self.eager_scratch_us = Some(scratch_us);
+        self.eager_alloc_us = Some(alloc_us);
+        self
+    }
+}
+
 /// What a run measured, and where.
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {

@@ -12,6 +12,46 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr}
 use super::device::driver_error;
 use crate::{DType, Device, Element, MoeError, Result};
 
+/// The accessors both view types share: address, length, device, sub-views.
+macro_rules! view_accessors {
+    () => {
+        /// The view's device address (what kernels receive).
+        pub fn address(&self) -> u64 {
+            self.address
+        }
+
+        pub fn len(&self) -> usize {
+            self.len
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.len == 0
+        }
+
+        pub fn device(&self) -> Device {
+            Device::Cuda(self.ordinal)
+        }
+
+        /// The first `len` elements (all of them if there are fewer).
+        pub fn prefix(self, len: usize) -> Self {
+            Self {
+                len: len.min(self.len),
+                ..self
+            }
+        }
+
+        /// Elements `start..start + len`.
+        pub fn range(self, start: usize, len: usize) -> Result<Self> {
+            check_range(self.len, start, len)?;
+            Ok(Self {
+                address: self.address + (start * size_of::<T>()) as u64,
+                len,
+                ..self
+            })
+        }
+    };
+}
+
 /// A read-only view of `len` elements of `T` in device memory.
 #[derive(Debug)]
 pub struct DeviceView<'a, T> {
@@ -55,40 +95,7 @@ impl<'a, T: DeviceRepr> DeviceView<'a, T> {
         }
     }
 
-    /// The first `len` elements (all of them if there are fewer).
-    pub fn prefix(self, len: usize) -> Self {
-        Self {
-            len: len.min(self.len),
-            ..self
-        }
-    }
-
-    /// Elements `start..start + len`.
-    pub fn range(self, start: usize, len: usize) -> Result<Self> {
-        check_range(self.len, start, len)?;
-        Ok(Self {
-            address: self.address + (start * size_of::<T>()) as u64,
-            len,
-            ..self
-        })
-    }
-
-    /// The view's device address (what kernels receive).
-    pub fn address(&self) -> u64 {
-        self.address
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn device(&self) -> Device {
-        Device::Cuda(self.ordinal)
-    }
+    view_accessors!();
 
     /// Copies the view to host memory, after the work queued on `stream`.
     pub fn to_host(&self, stream: &CudaStream) -> Result<Vec<T>>
@@ -163,39 +170,7 @@ impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
         }
     }
 
-    pub fn address(&self) -> u64 {
-        self.address
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn device(&self) -> Device {
-        Device::Cuda(self.ordinal)
-    }
-
-    /// The first `len` elements (all of them if there are fewer).
-    pub fn prefix(self, len: usize) -> Self {
-        Self {
-            len: len.min(self.len),
-            ..self
-        }
-    }
-
-    /// Elements `start..start + len`.
-    pub fn range(self, start: usize, len: usize) -> Result<Self> {
-        check_range(self.len, start, len)?;
-        Ok(Self {
-            address: self.address + (start * size_of::<T>()) as u64,
-            len,
-            ..self
-        })
-    }
+    view_accessors!();
 
     /// The same memory, read-only.
     pub fn into_view(self) -> DeviceView<'a, T> {
