@@ -104,11 +104,12 @@ pub(crate) fn svg(report: &Report) -> String {
         }
         let _ = writeln!(
             out,
-            r##"<line x1="{left}" x2="{right}" y1="{at}" y2="{at}" stroke="#555" stroke-dasharray="4 4"/><text x="{label_x}" y="{label_y}" fill="#555">target {target}%</text>"##,
+            r##"<line x1="{left}" x2="{right}" y1="{at}" y2="{at}" stroke="#555" stroke-dasharray="4 4"/><text x="{label_x}" y="{label_y}" fill="#555" text-anchor="end">target {target}%</text>"##,
             right = left + w,
             at = y(*target),
-            label_x = left + 6.0,
-            label_y = y(*target) - 4.0
+            // At the right end, clear of the legend at the top left.
+            label_x = left + w - 6.0,
+            label_y = y(*target) + 14.0
         );
         let mut tokens = 1.0;
         while tokens <= max_tokens {
