@@ -10,7 +10,7 @@
 //!   entries into blocks and each block's GEMM gathers its rows from `hidden_states`.
 
 use half::bf16;
-use moe_runtime::cpu::{self, PermuteDest, PermuteInput, UnpermuteInput};
+use moe_runtime::cpu::{self, PermuteDest, PermuteInput, PermuteOutput, UnpermuteInput};
 use moe_runtime::{DType, Device, Rows, RowsMut, ScratchConfig, TopkIds};
 use ndarray::Array2;
 use rayon::prelude::*;
@@ -86,6 +86,28 @@ fn combine(
         out,
     )?;
     Ok(())
+}
+
+/// The grouped backends' steps after permute: each expert's MLP over its group of
+/// permuted rows, then the weighted combine into `out`.
+fn experts_and_combine(
+    weights: &CpuWeights,
+    routed: &PermuteOutput<'_>,
+    topk_weights: &[f32],
+    topk: usize,
+    out: &mut [bf16],
+) -> Result<()> {
+    let rows = routed.permuted_hidden_states.as_slice::<bf16>()?;
+    let expert_rows = grouped_mlp(weights, rows, routed.expert_first_token_offset);
+    combine(
+        &expert_rows,
+        weights.hidden,
+        routed.inv_permuted_idx,
+        routed.expert_first_token_offset,
+        topk_weights,
+        topk,
+        out,
+    )
 }
 
 /// What every CPU backend holds: where its scratch comes from, and the block's shape.
@@ -179,17 +201,7 @@ impl CpuExperts for GroupedExperts {
         };
         let input = PermuteInput::new(Rows::new(hidden, h)?, ids);
         let routed = cpu::permute_into(&mut scratch, &input, dest)?;
-        let rows = routed.permuted_hidden_states.as_slice::<bf16>()?;
-        let expert_rows = grouped_mlp(weights, rows, routed.expert_first_token_offset);
-        combine(
-            &expert_rows,
-            h,
-            routed.inv_permuted_idx,
-            routed.expert_first_token_offset,
-            topk_weights,
-            k,
-            out,
-        )
+        experts_and_combine(weights, &routed, topk_weights, k, out)
     }
 }
 
@@ -236,17 +248,7 @@ impl CpuExperts for HummingExperts {
         let mut scratch = self.base.source.get(ids.num_tokens())?;
         let input = PermuteInput::new(Rows::new(hidden, h)?, ids);
         let routed = cpu::permute(&mut scratch, &input)?;
-        let rows = routed.permuted_hidden_states.as_slice::<bf16>()?;
-        let expert_rows = grouped_mlp(weights, rows, routed.expert_first_token_offset);
-        combine(
-            &expert_rows,
-            h,
-            routed.inv_permuted_idx,
-            routed.expert_first_token_offset,
-            topk_weights,
-            k,
-            out,
-        )
+        experts_and_combine(weights, &routed, topk_weights, k, out)
     }
 }
 
