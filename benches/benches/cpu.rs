@@ -120,9 +120,12 @@ fn permute(c: &mut Criterion) {
             });
             group.bench_function(BenchmarkId::new("alloc", &id), |b| {
                 b.iter(|| {
-                    let owned =
-                        cpu::permute_alloc(black_box(&input), shape.num_experts, shape.num_experts)
-                            .unwrap();
+                    let owned = cpu::allocating::permute(
+                        black_box(&input),
+                        shape.num_experts,
+                        shape.num_experts,
+                    )
+                    .unwrap();
                     black_box(owned.output().unwrap().num_valid_rows());
                 })
             });
@@ -141,7 +144,8 @@ fn unpermute(c: &mut Criterion) {
                 Rows::new(&x.hidden, shape.hidden_size).unwrap(),
                 TopkIds::new(&x.ids, shape.topk).unwrap(),
             );
-            let owned = cpu::permute_alloc(&input, shape.num_experts, shape.num_experts).unwrap();
+            let owned =
+                cpu::allocating::permute(&input, shape.num_experts, shape.num_experts).unwrap();
             let routed = owned.output().unwrap();
             // Expert outputs: the permuted rows stand in for them.
             let unpermute = UnpermuteInput {
@@ -159,7 +163,7 @@ fn unpermute(c: &mut Criterion) {
                 b.iter(|| cpu::unpermute_into(black_box(&unpermute), &mut out).unwrap())
             });
             group.bench_function(BenchmarkId::new("alloc", &id), |b| {
-                b.iter(|| black_box(cpu::unpermute(black_box(&unpermute)).unwrap()))
+                b.iter(|| black_box(cpu::allocating::unpermute(black_box(&unpermute)).unwrap()))
             });
         }
     }

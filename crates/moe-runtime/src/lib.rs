@@ -24,14 +24,18 @@
 //! // The expert GEMMs would read rows [offset[e], offset[e+1]); here they are identity.
 //! let expert_out = routed.permuted_hidden_states.as_slice::<bf16>()?;
 //! let topk_weights = [0.75f32, 0.25, 1.0, 0.5, 0.5, 0.5];
-//! let combined = cpu::unpermute(&UnpermuteInput {
-//!     permuted_hidden_states: expert_out,
-//!     hidden_size: 8,
-//!     inv_permuted_idx: routed.inv_permuted_idx,
-//!     expert_first_token_offset: routed.expert_first_token_offset,
-//!     topk_weights: &topk_weights,
-//!     topk: 2,
-//! })?;
+//! let mut combined = vec![bf16::ZERO; 3 * 8];
+//! cpu::unpermute_into(
+//!     &UnpermuteInput {
+//!         permuted_hidden_states: expert_out,
+//!         hidden_size: 8,
+//!         inv_permuted_idx: routed.inv_permuted_idx,
+//!         expert_first_token_offset: routed.expert_first_token_offset,
+//!         topk_weights: &topk_weights,
+//!         topk: 2,
+//!     },
+//!     &mut combined,
+//! )?;
 //! // Token 1 kept one entry, expert 2 with weight 0.5: half its row.
 //! assert_eq!(combined[8].to_f32(), 4.0);
 //! # Ok::<(), moe_runtime::MoeError>(())

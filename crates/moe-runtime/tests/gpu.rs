@@ -423,7 +423,7 @@ fn permute_and_align_match_the_cpu_bit_for_bit() {
         );
 
         // The allocating path gives the same.
-        let owned = cuda::permute_alloc(&device, &input, case.experts, case.local).unwrap();
+        let owned = cuda::allocating::permute(&device, &input, case.experts, case.local).unwrap();
         let out = owned.output().unwrap();
         let got = out.permuted_idx.to_host(&stream).unwrap();
         assert_eq!(got, want.permuted_idx, "permute_alloc, {case:?}");
@@ -482,7 +482,7 @@ fn host_unpermute(
     ) -> Vec<u8> {
         // Copied into elements of `T`: a byte vector need not be aligned for them.
         let rows: Vec<T> = bytemuck::pod_collect_to_vec(rows);
-        let out = cpu::unpermute(&UnpermuteInput {
+        let out = cpu::allocating::unpermute(&UnpermuteInput {
             permuted_hidden_states: &rows,
             hidden_size: case.hidden,
             inv_permuted_idx: routing.0,
@@ -550,7 +550,7 @@ fn unpermute_matches_the_cpu_within_one_ulp() {
         }
 
         if case.dtype == DType::BF16 {
-            let owned: CudaSlice<bf16> = cuda::unpermute(&device, &input).unwrap();
+            let owned: CudaSlice<bf16> = cuda::allocating::unpermute(&device, &input).unwrap();
             let (address, _) = owned.device_ptr(&stream);
             assert_ne!(address, 0);
             let got = stream.clone_dtoh(&owned).unwrap();

@@ -950,7 +950,7 @@ fn reused_scratch_case<T: TestElem>(
     Ok(())
 }
 
-fn permute_alloc_case<T: TestElem>(
+fn allocating_permute_case<T: TestElem>(
     p: &Params,
     h: usize,
     columns: usize,
@@ -960,10 +960,13 @@ fn permute_alloc_case<T: TestElem>(
     let h = bounded_h(p.n, h);
     let case = make_case::<T>(p, h, columns, seed);
     let input = make_input(&case.routing, &case.data, h, &case.scales, columns)?;
-    let owned = lib(cpu::permute_alloc(&input, p.e, p.l), "permute_alloc")?;
+    let owned = lib(
+        cpu::allocating::permute(&input, p.e, p.l),
+        "allocating::permute",
+    )?;
     let alloc = owned.output().unwrap();
     check_output::<T>(&alloc, &case.expected, h, columns)
-        .map_err(|e| TestCaseError::fail(format!("permute_alloc: {e}")))?;
+        .map_err(|e| TestCaseError::fail(format!("allocating::permute: {e}")))?;
 
     let config = ScratchConfig::new(p.n + slack, p.k, p.e, p.l, Device::Cpu)
         .with_rows(h, T::DTYPE)
@@ -1072,7 +1075,7 @@ fn unpermute_case<T: Float>(
         topk: k,
     };
     let expected = bits_of(&reference_unpermute(&permuted, h, &inv, valid, &weights, k));
-    let got = lib(cpu::unpermute(&input), "unpermute")?;
+    let got = lib(cpu::allocating::unpermute(&input), "unpermute")?;
     same("unpermute", &bits_of(&got), &expected)?;
 
     let mut out: Vec<T> = random_floats(&mut rng, n * h, 100.0);
@@ -1100,8 +1103,8 @@ fn unpermute_case<T: Float>(
         permute_input = permute_input.with_expert_map(map);
     }
     let owned = lib(
-        cpu::permute_alloc(&permute_input, p.e, p.l),
-        "permute_alloc",
+        cpu::allocating::permute(&permute_input, p.e, p.l),
+        "allocating::permute",
     )?;
     let permuted_out = owned.output().unwrap();
     let permuted_rows = lib(
@@ -1130,7 +1133,10 @@ fn unpermute_case<T: Float>(
             expected.push(T::narrow(acc).bits());
         }
     }
-    let got = lib(cpu::unpermute(&input), "unpermute after permute")?;
+    let got = lib(
+        cpu::allocating::unpermute(&input),
+        "unpermute after permute",
+    )?;
     same("unpermute after permute", &bits_of(&got), &expected)?;
     Ok(())
 }
@@ -1219,9 +1225,9 @@ proptest! {
         for_dtype!(dtype, reused_scratch_case((&first, &second), h, columns, (slack, block), seed))?;
     }
 
-    /// (4) permute_alloc gives what the reference and the scratch version give.
+    /// (4) allocating::permute gives what the reference and the scratch version give.
     #[test]
-    fn permute_alloc_matches_scratch_permute(
+    fn allocating_permute_matches_scratch_permute(
         p in params_strategy(),
         h in hidden_strategy(),
         columns in scale_columns_strategy(),
@@ -1229,7 +1235,7 @@ proptest! {
         slack in 0..=8usize,
         seed in any::<u64>(),
     ) {
-        for_dtype!(dtype, permute_alloc_case(&p, h, columns, slack, seed))?;
+        for_dtype!(dtype, allocating_permute_case(&p, h, columns, slack, seed))?;
     }
 
     /// (5) unpermute is bit-identical to the contract's f32 loop, for f32, f16 and bf16.
@@ -1287,7 +1293,7 @@ fn reference_matches_a_hand_worked_example() {
 
     let data = [10.0f32, 11.0, 20.0, 21.0, 30.0, 31.0];
     let input = make_input(&routing, &data, 2, &[], 0).unwrap();
-    let owned = cpu::permute_alloc(&input, 4, 2).unwrap();
+    let owned = cpu::allocating::permute(&input, 4, 2).unwrap();
     let out = owned.output().unwrap();
     assert_eq!(out.expert_first_token_offset, [0, 2, 4]);
     assert_eq!(out.inv_permuted_idx, [0, 2, 6, 1, 6, 3]);
@@ -1297,7 +1303,7 @@ fn reference_matches_a_hand_worked_example() {
         [10.0, 11.0, 20.0, 21.0, 10.0, 11.0, 30.0, 31.0]
     );
     let weights = [0.5f32, 2.0, 7.0, 0.25, 9.0, -1.0];
-    let sum = cpu::unpermute(&UnpermuteInput {
+    let sum = cpu::allocating::unpermute(&UnpermuteInput {
         permuted_hidden_states: out.permuted_hidden_states.as_slice::<f32>().unwrap(),
         hidden_size: 2,
         inv_permuted_idx: out.inv_permuted_idx,

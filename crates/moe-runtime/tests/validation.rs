@@ -461,11 +461,11 @@ fn unpermute_refuses_bad_indices_and_shapes() {
         topk_weights: &weights,
         topk: 2,
     };
-    assert_eq!(cpu::unpermute(&base).unwrap().len(), 2 * H);
+    assert_eq!(cpu::allocating::unpermute(&base).unwrap().len(), 2 * H);
 
     let negative = [0i32, -1, 2, 3];
     assert!(matches!(
-        error(cpu::unpermute(&UnpermuteInput {
+        error(cpu::allocating::unpermute(&UnpermuteInput {
             inv_permuted_idx: &negative,
             ..base
         })),
@@ -478,7 +478,7 @@ fn unpermute_refuses_bad_indices_and_shapes() {
     ));
     let too_many_valid = [0i64, 2, 5];
     assert!(matches!(
-        error(cpu::unpermute(&UnpermuteInput {
+        error(cpu::allocating::unpermute(&UnpermuteInput {
             expert_first_token_offset: &too_many_valid,
             ..base
         })),
@@ -489,7 +489,7 @@ fn unpermute_refuses_bad_indices_and_shapes() {
         }
     ));
     assert!(matches!(
-        error(cpu::unpermute(&UnpermuteInput {
+        error(cpu::allocating::unpermute(&UnpermuteInput {
             expert_first_token_offset: &[],
             ..base
         })),
@@ -499,7 +499,7 @@ fn unpermute_refuses_bad_indices_and_shapes() {
         }
     ));
     assert!(matches!(
-        error(cpu::unpermute(&UnpermuteInput {
+        error(cpu::allocating::unpermute(&UnpermuteInput {
             topk_weights: &weights[..3],
             ..base
         })),
@@ -509,14 +509,17 @@ fn unpermute_refuses_bad_indices_and_shapes() {
         }
     ));
     assert!(matches!(
-        error(cpu::unpermute(&UnpermuteInput { topk: 3, ..base })),
+        error(cpu::allocating::unpermute(&UnpermuteInput {
+            topk: 3,
+            ..base
+        })),
         MoeError::Shape {
             tensor: "inv_permuted_idx",
             ..
         }
     ));
     assert!(matches!(
-        error(cpu::unpermute(&UnpermuteInput {
+        error(cpu::allocating::unpermute(&UnpermuteInput {
             hidden_size: 3,
             ..base
         })),

@@ -113,7 +113,7 @@ pub(crate) fn run(
                     .map_err(Into::into)
             })?;
             let alloc_us = time_us(|| {
-                cpu::permute_alloc(&input, shape.experts, shape.experts)?;
+                cpu::allocating::permute(&input, shape.experts, shape.experts)?;
                 Ok(())
             })?;
             rows.push(Row::new(shape, n, "permute", scratch_us, alloc_us));
@@ -131,7 +131,7 @@ pub(crate) fn run(
             let mut out = vec![bf16::ZERO; n * shape.hidden];
             let scratch_us = time_us(|| Ok(cpu::unpermute_into(&combine, &mut out)?))?;
             let alloc_us = time_us(|| {
-                cpu::unpermute(&combine)?;
+                cpu::allocating::unpermute(&combine)?;
                 Ok(())
             })?;
             rows.push(Row::new(shape, n, "unpermute", scratch_us, alloc_us));

@@ -8,8 +8,8 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, sys};
 use half::bf16;
 use moe_experts::{CudaMoeBlock, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace};
 use moe_runtime::cuda::{
-    self, CudaDevice, DeviceExpertIds, DevicePermuteInput, DevicePermutedOwned, DeviceRows,
-    DeviceRowsMut, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, DeviceViewMut,
+    self, CudaDevice, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceRowsMut,
+    DeviceTopkIds, DeviceUnpermuteInput, DeviceView, DeviceViewMut,
 };
 use moe_runtime::{DType, PermuteScratch, ScratchConfig};
 
@@ -146,7 +146,7 @@ pub(crate) fn run(
                 Ok(())
             })?;
             let (alloc_graph, alloc_eager) = time_calls(&stream, sets, |s| {
-                cuda::permute_alloc(
+                cuda::allocating::permute(
                     &device,
                     &device_sets[s].input(shape)?,
                     shape.experts,
@@ -166,10 +166,10 @@ pub(crate) fn run(
             );
 
             progress.next(format_args!("{} N={n} unpermute", shape.name));
-            let routed: Vec<DevicePermutedOwned> = device_sets
+            let routed: Vec<cuda::allocating::Permuted> = device_sets
                 .iter()
                 .map(|set| {
-                    Ok(cuda::permute_alloc(
+                    Ok(cuda::allocating::permute(
                         &device,
                         &set.input(shape)?,
                         shape.experts,
@@ -199,7 +199,7 @@ pub(crate) fn run(
                 Ok(cuda::unpermute_into(&device, &combines[s], out)?)
             })?;
             let (alloc_graph, alloc_eager) = time_calls(&stream, sets, |s| {
-                cuda::unpermute::<bf16>(&device, &combines[s])?;
+                cuda::allocating::unpermute::<bf16>(&device, &combines[s])?;
                 Ok(())
             })?;
             rows.push(

@@ -8,6 +8,7 @@
 //! `unpermute`'s weighted gather).
 
 mod align;
+pub mod allocating;
 mod buffers;
 mod disjoint;
 mod permute;
@@ -17,7 +18,5 @@ mod unpermute;
 pub(crate) use buffers::CpuBuffers;
 
 pub use align::{AlignOutput, align};
-pub use permute::{
-    PermuteDest, PermuteInput, PermuteOutput, PermutedOwned, permute, permute_alloc, permute_into,
-};
-pub use unpermute::{UnpermuteInput, unpermute, unpermute_into};
+pub use permute::{PermuteDest, PermuteInput, PermuteOutput, permute, permute_into};
+pub use unpermute::{UnpermuteInput, unpermute_into};

@@ -163,46 +163,6 @@ pub fn permute_into<'o>(
     Ok(views(config, &buffers.index, spec, rows, scales))
 }
 
-/// A permute that allocated its own buffers: the "before" of the scratch.
-#[derive(Debug)]
-pub struct PermutedOwned {
-    scratch: PermuteScratch,
-    spec: RowSpec,
-}
-
-impl PermutedOwned {
-    pub fn output(&self) -> Result<PermuteOutput<'_>> {
-        let config = self.scratch.config();
-        let buffers = self.scratch.cpu_buffers_ref()?;
-        let entries = config.max_entries();
-        let rows = &bytemuck::cast_slice(&buffers.permuted_rows)[..entries * self.spec.row_bytes()];
-        let scales = &buffers.permuted_scales[..entries * self.spec.scale_columns];
-        Ok(views(config, &buffers.index, self.spec, rows, scales))
-    }
-}
-
-/// Permutes with buffers allocated for this call alone, as serving stacks did before
-/// the scratch existed. Kept for comparison (benchmarks) and one-off calls.
-pub fn permute_alloc(
-    input: &PermuteInput<'_>,
-    num_experts: usize,
-    num_local_experts: usize,
-) -> Result<PermutedOwned> {
-    let spec = input.row_spec();
-    let config = ScratchConfig::new(
-        input.topk_ids.num_tokens(),
-        input.topk_ids.topk(),
-        num_experts,
-        num_local_experts,
-        Device::Cpu,
-    )
-    .with_rows(spec.hidden_size, spec.dtype)
-    .with_scale_columns(spec.scale_columns);
-    let mut scratch = PermuteScratch::new(config)?;
-    permute(&mut scratch, input)?;
-    Ok(PermutedOwned { scratch, spec })
-}
-
 /// Every local id of `expert_map` must be -1 or a local expert: a wrong map is an
 /// error, never an out-of-range group.
 pub(super) fn check_expert_map(expert_map: Option<&[i32]>, num_local: usize) -> Result<()> {
@@ -319,7 +279,7 @@ fn scatter_rows<T: Copy + Send + Sync>(
 }
 
 /// The outputs of a computed call, as views of `entries = N*K` rows.
-fn views<'a>(
+pub(super) fn views<'a>(
     config: &ScratchConfig,
     buffers: &'a IndexBuffers,
     spec: RowSpec,

@@ -30,7 +30,7 @@ pub struct UnpermuteInput<'a, T> {
 
 impl<T> UnpermuteInput<'_, T> {
     /// Checks every shape and index against the others; returns `(N, valid rows)`.
-    fn check(&self) -> Result<(usize, usize)> {
+    pub(super) fn check(&self) -> Result<(usize, usize)> {
         let hidden_size = self.hidden_size;
         if hidden_size == 0 || self.permuted_hidden_states.len() % hidden_size != 0 {
             return Err(MoeError::Shape {
@@ -115,14 +115,6 @@ pub fn unpermute_into<T: Accumulate>(input: &UnpermuteInput<'_, T>, out: &mut [T
             }
         });
     Ok(())
-}
-
-/// [`unpermute_into`] a freshly allocated `[N, H]` output.
-pub fn unpermute<T: Accumulate>(input: &UnpermuteInput<'_, T>) -> Result<Vec<T>> {
-    let (num_tokens, _) = input.check()?;
-    let mut out = vec![T::from_f32(0.0); num_tokens * input.hidden_size];
-    unpermute_into(input, &mut out)?;
-    Ok(out)
 }
 
 #[inline]

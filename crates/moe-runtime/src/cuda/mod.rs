@@ -9,6 +9,7 @@
 //! can be captured in a CUDA graph and replayed.
 
 mod align;
+pub mod allocating;
 mod blas;
 mod block_ops;
 mod buffers;
@@ -29,7 +30,6 @@ pub use memory::{
     DeviceViewMut,
 };
 pub use permute::{
-    DevicePermuteDest, DevicePermuteInput, DevicePermuteOutput, DevicePermutedOwned, permute,
-    permute_alloc, permute_into,
+    DevicePermuteDest, DevicePermuteInput, DevicePermuteOutput, permute, permute_into,
 };
-pub use unpermute::{DeviceUnpermuteInput, unpermute, unpermute_into};
+pub use unpermute::{DeviceUnpermuteInput, unpermute_into};

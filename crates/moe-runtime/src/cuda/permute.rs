@@ -1,7 +1,5 @@
 //! permute on a CUDA device: the routing kernels, then the row scatter.
 
-use std::sync::Arc;
-
 use moe_kernels::kernels::{self, IdWidth, RowVector};
 use moe_kernels::{
     AlignDims, PERMUTE_VECTORS_PER_THREAD, PermuteRowsParams, ROW_THREADS, RouteParams,
@@ -9,7 +7,6 @@ use moe_kernels::{
 };
 
 use super::buffers::CudaBuffers;
-use super::device::CudaDevice;
 use super::launch::{launch, route, route_chunks};
 use super::memory::{
     DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,
@@ -160,49 +157,6 @@ pub fn permute_into<'o>(
     Ok(views(buffers, config, spec, rows, scales))
 }
 
-/// A permute with device buffers allocated for this call alone: the "before" of the
-/// scratch, kept for comparison.
-#[derive(Debug)]
-pub struct DevicePermutedOwned {
-    scratch: PermuteScratch,
-    spec: RowSpec,
-}
-
-impl DevicePermutedOwned {
-    pub fn output(&self) -> Result<DevicePermuteOutput<'_>> {
-        let spec = self.spec;
-        let (config, buffers) = self.scratch.cuda_buffers()?;
-        let entries = config.max_entries();
-        let rows = DeviceView::new(&buffers.permuted_rows).prefix(entries * spec.row_bytes());
-        let scales = (spec.scale_columns > 0).then(|| {
-            DeviceView::new(&buffers.permuted_scales).prefix(entries * spec.scale_columns)
-        });
-        Ok(views(buffers, config, spec, rows, scales))
-    }
-}
-
-/// Allocates a scratch sized for this call on `device`, then permutes with it.
-pub fn permute_alloc(
-    device: &Arc<CudaDevice>,
-    input: &DevicePermuteInput<'_>,
-    num_experts: usize,
-    num_local_experts: usize,
-) -> Result<DevicePermutedOwned> {
-    let spec = input.row_spec();
-    let config = ScratchConfig::new(
-        input.topk_ids.num_tokens(),
-        input.topk_ids.topk(),
-        num_experts,
-        num_local_experts,
-        device.device(),
-    )
-    .with_rows(spec.hidden_size, spec.dtype)
-    .with_scale_columns(spec.scale_columns);
-    let mut scratch = PermuteScratch::with_cuda_device(config, device.clone())?;
-    permute(&mut scratch, input)?;
-    Ok(DevicePermutedOwned { scratch, spec })
-}
-
 /// Queues the routing kernels and the row scatter of a validated call.
 fn enqueue(
     config: &ScratchConfig,
@@ -272,7 +226,7 @@ fn enqueue(
     )
 }
 
-fn views<'a>(
+pub(super) fn views<'a>(
     buffers: &'a CudaBuffers,
     config: &ScratchConfig,
     spec: RowSpec,

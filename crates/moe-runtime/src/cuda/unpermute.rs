@@ -1,13 +1,12 @@
 //! unpermute on a CUDA device: one block per token sums its kept rows.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use moe_kernels::kernels::{self, Float};
 use moe_kernels::{ROW_THREADS, UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams, blocks_per_row};
 
-use super::device::{CudaDevice, driver_error};
+use super::device::CudaDevice;
 use super::launch::launch;
-use super::memory::{DeviceRows, DeviceRowsMut, DeviceView, DeviceViewMut};
-use crate::{Accumulate, DType, MoeError, Result, ScratchMismatch};
+use super::memory::{DeviceRows, DeviceRowsMut, DeviceView};
+use crate::{DType, MoeError, Result, ScratchMismatch};
 
 /// The inputs of unpermute, in device memory.
 #[derive(Clone, Copy, Debug)]
@@ -139,33 +138,4 @@ pub fn unpermute_into(
         ROW_THREADS,
         &params,
     )
-}
-
-/// [`unpermute_into`] a freshly allocated `[N, H]` device output (the allocating
-/// "before").
-pub fn unpermute<T: Accumulate + DeviceRepr + ValidAsZeroBits>(
-    device: &CudaDevice,
-    input: &DeviceUnpermuteInput<'_>,
-) -> Result<CudaSlice<T>> {
-    let tokens = input.inv_permuted_idx.len() / input.topk.max(1);
-    let len = tokens * input.permuted_hidden_states.hidden_size();
-    let stream = device.stream();
-    let out = if len == 0 {
-        // An empty output still needs a valid address: one element, zeroed.
-        stream.alloc_zeros::<T>(1)
-    } else {
-        // SAFETY: `unpermute_into` writes every element before this returns the buffer
-        // (a validation failure returns the error, not the buffer).
-        unsafe { stream.alloc::<T>(len) }
-    };
-    let mut out = out.map_err(driver_error("allocate the unpermute output"))?;
-    let view = DeviceViewMut::new(&mut out);
-    // SAFETY: the first `len` elements of the allocation just made.
-    let view = unsafe { DeviceViewMut::from_raw(view.address(), len, device.ordinal()) };
-    unpermute_into(
-        device,
-        input,
-        DeviceRowsMut::new::<T>(view, input.permuted_hidden_states.hidden_size())?,
-    )?;
-    Ok(out)
 }

@@ -1,0 +1,59 @@
+//! The allocating "before" of the scratch: permute and unpermute with buffers made
+//! for one call, as serving stacks called them before a scratch existed.
+//!
+//! Kept for comparison (the benchmarks measure what the scratch saves) and for
+//! one-off calls; every serving path uses [`super::permute`],
+//! [`super::permute_into`] and [`super::unpermute_into`], which allocate nothing.
+
+use super::buffers::CpuBuffers;
+use super::permute::{PermuteInput, PermuteOutput, views};
+use super::unpermute::{UnpermuteInput, unpermute_into};
+use crate::{Accumulate, Device, PermuteScratch, Result, RowSpec, ScratchConfig};
+
+/// The result of [`permute`]: a scratch sized for one call, holding its outputs.
+#[derive(Debug)]
+pub struct Permuted {
+    scratch: PermuteScratch,
+    spec: RowSpec,
+}
+
+impl Permuted {
+    /// The permute's outputs, as [`super::permute`] returns them.
+    pub fn output(&self) -> Result<PermuteOutput<'_>> {
+        let config = self.scratch.config();
+        let buffers: &CpuBuffers = self.scratch.cpu_buffers_ref()?;
+        let entries = config.max_entries();
+        let rows = &bytemuck::cast_slice(&buffers.permuted_rows)[..entries * self.spec.row_bytes()];
+        let scales = &buffers.permuted_scales[..entries * self.spec.scale_columns];
+        Ok(views(config, &buffers.index, self.spec, rows, scales))
+    }
+}
+
+/// Permutes with buffers allocated for this call alone.
+pub fn permute(
+    input: &PermuteInput<'_>,
+    num_experts: usize,
+    num_local_experts: usize,
+) -> Result<Permuted> {
+    let spec = input.row_spec();
+    let config = ScratchConfig::new(
+        input.topk_ids.num_tokens(),
+        input.topk_ids.topk(),
+        num_experts,
+        num_local_experts,
+        Device::Cpu,
+    )
+    .with_rows(spec.hidden_size, spec.dtype)
+    .with_scale_columns(spec.scale_columns);
+    let mut scratch = PermuteScratch::new(config)?;
+    super::permute(&mut scratch, input)?;
+    Ok(Permuted { scratch, spec })
+}
+
+/// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` output.
+pub fn unpermute<T: Accumulate>(input: &UnpermuteInput<'_, T>) -> Result<Vec<T>> {
+    let (num_tokens, _) = input.check()?;
+    let mut out = vec![T::from_f32(0.0); num_tokens * input.hidden_size];
+    unpermute_into(input, &mut out)?;
+    Ok(out)
+}
