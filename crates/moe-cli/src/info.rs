@@ -20,7 +20,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .unwrap_or("?");
     println!(
         "PTX: {} kernels, {} / {} (PTX ISA {}), built by {compiler}",
-        moe_kernels::kernels::ALL.len(),
+        moe_kernels::kernels::Kernel::ALL.len(),
         manifest["target"].as_str().unwrap_or("?"),
         manifest["target_cpu"].as_str().unwrap_or("?"),
         manifest["ptx_isa"].as_str().unwrap_or("?"),
@@ -41,16 +41,12 @@ pub(crate) fn run() -> anyhow::Result<()> {
                     Ok(device) => {
                         let name = device.name().unwrap_or_else(|e| e.to_string());
                         let memory = device
-                            .stream()
                             .context()
                             .total_mem()
                             .map(|b| format!("{} MiB", b >> 20))
                             .unwrap_or_default();
-                        let (cc_major, cc_minor) = device
-                            .stream()
-                            .context()
-                            .compute_capability()
-                            .unwrap_or((0, 0));
+                        let (cc_major, cc_minor) =
+                            device.context().compute_capability().unwrap_or((0, 0));
                         println!(
                             "  cuda:{ordinal}: {name}, {memory}, compute capability {cc_major}.{cc_minor}, kernels loaded"
                         );

@@ -123,9 +123,18 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
         .forward(&hidden)?,
         Device::Cuda(ordinal) => {
             let device = CudaDevice::new(ordinal)?;
+            let cu_stream = device.new_stream()?;
+            let stream = device.stream(&cu_stream)?;
             let workspace = SharedWorkspace::on_cuda_device(device.clone());
-            CudaMoeBlock::new(config.clone(), &weights, kind, device, workspace, tokens)?
-                .forward(&hidden)?
+            CudaMoeBlock::new(
+                config.clone(),
+                &weights,
+                kind,
+                device.clone(),
+                workspace,
+                tokens,
+            )?
+            .forward(&stream, &hidden)?
         }
     };
 

@@ -1,6 +1,7 @@
 //! Errors of the expert backends, the MoE block and checkpoint loading.
 
 use moe_runtime::MoeError;
+use moe_runtime::cuda::cudarc::cublas::result::CublasError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExpertsError {
@@ -22,8 +23,12 @@ pub enum ExpertsError {
     NoMoeLayer { prefix: String },
     #[error("checkpoint: {0}")]
     Format(String),
-    #[error("cannot read {path}: {error}")]
-    Io { path: String, error: std::io::Error },
+    #[error("cannot read {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{tensor} has {len} elements: {expected}")]
     Shape {
         tensor: &'static str,
@@ -32,6 +37,17 @@ pub enum ExpertsError {
     },
     #[error("invalid MoE configuration: {0}")]
     Config(String),
+    #[error("cuBLAS failed to {action}")]
+    Blas {
+        action: &'static str,
+        #[source]
+        source: CublasError,
+    },
+    #[error("cuBLAS cannot be used on {device}: {reason}")]
+    BlasUnavailable {
+        device: moe_runtime::Device,
+        reason: String,
+    },
     #[error("the {backend} backend cannot run on {device}: {reason}")]
     Unsupported {
         backend: &'static str,

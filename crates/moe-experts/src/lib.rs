@@ -14,7 +14,7 @@
 mod block;
 mod config;
 pub mod cpu;
-mod cuda;
+pub mod cuda;
 mod error;
 mod mlp;
 mod router;

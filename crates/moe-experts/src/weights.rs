@@ -66,9 +66,9 @@ impl MoeWeights {
     /// file. The layout is found from the tensor names; bf16 and f32 tensors are
     /// accepted (f32 is rounded to bf16).
     pub fn load(path: &std::path::Path, prefix: &str) -> Result<(Self, Layout)> {
-        let bytes = std::fs::read(path).map_err(|error| ExpertsError::Io {
+        let bytes = std::fs::read(path).map_err(|source| ExpertsError::Io {
             path: path.display().to_string(),
-            error,
+            source,
         })?;
         Self::from_safetensors(&bytes, prefix)
     }

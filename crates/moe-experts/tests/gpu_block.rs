@@ -7,16 +7,23 @@
 use std::sync::Arc;
 
 use half::bf16;
+use moe_experts::cuda::{router_topk, silu_mul};
 use moe_experts::{
     CpuMoeBlock, CudaMoeBlock, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace,
 };
 use moe_runtime::cuda::{
-    self, CudaDevice, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceTopkIds, DeviceView,
+    self, CudaDevice, CudaStream, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows,
+    DeviceTopkIds,
 };
 
-fn gpu() -> Option<Arc<CudaDevice>> {
+/// The GPU and a stream of it, or `None` (after saying why) when there is none and
+/// none is required.
+fn gpu() -> Option<(Arc<CudaDevice>, Arc<CudaStream>)> {
     match CudaDevice::new(0) {
-        Ok(device) => Some(device),
+        Ok(device) => {
+            let stream = device.new_stream().unwrap();
+            Some((device, stream))
+        }
         Err(error) if std::env::var("MOE_REQUIRE_GPU").as_deref() == Ok("1") => {
             panic!("MOE_REQUIRE_GPU=1 but no GPU can be used: {error}")
         }
@@ -67,7 +74,10 @@ fn configs() -> Vec<MoeConfig> {
 
 #[test]
 fn the_gpu_block_matches_the_cpu_block() {
-    let Some(device) = gpu() else { return };
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
     for (c, config) in configs().into_iter().enumerate() {
         let weights = MoeWeights::random(&config, 40 + c as u64);
         for kind in [ExpertsKind::Grouped, ExpertsKind::Humming] {
@@ -89,7 +99,7 @@ fn the_gpu_block_matches_the_cpu_block() {
                 let k = config.top_k;
                 let hidden = random_hidden(tokens, h, (c * 100 + tokens) as u64 + 7);
                 let want = cpu_block.forward(&hidden).unwrap();
-                let got = gpu_block.forward(&hidden).unwrap();
+                let got = gpu_block.forward(&stream, &hidden).unwrap();
                 assert_eq!(got.hidden_states.len(), tokens * h);
                 // Logits from two GEMM libraries differ in their last bits, so a token
                 // whose K-th and (K+1)-th experts are nearly tied may route differently;
@@ -134,7 +144,7 @@ fn the_gpu_block_matches_the_cpu_block() {
 
 #[test]
 fn the_indexed_backend_is_refused_on_the_gpu() {
-    let Some(device) = gpu() else { return };
+    let Some((device, _)) = gpu() else { return };
     let config = &configs()[0];
     let error = CudaMoeBlock::new(
         config.clone(),
@@ -150,7 +160,10 @@ fn the_indexed_backend_is_refused_on_the_gpu() {
 
 #[test]
 fn the_device_scratch_is_built_lazily_once_and_shared_by_layers() {
-    let Some(device) = gpu() else { return };
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
     let config = &configs()[1];
     let workspace = SharedWorkspace::on_cuda_device(device.clone());
     let mut layers: Vec<CudaMoeBlock> = (0..3)
@@ -173,23 +186,22 @@ fn the_device_scratch_is_built_lazily_once_and_shared_by_layers() {
     let hidden = random_hidden(50, config.hidden_size, 3);
     let mut bytes = Vec::new();
     for layer in &mut layers {
-        layer.forward(&hidden).unwrap();
+        layer.forward(&stream, &hidden).unwrap();
         bytes.push(workspace.lock().scratch().unwrap().allocated_bytes());
     }
     assert!(bytes.iter().all(|&b| b == bytes[0]), "{bytes:?}");
 
     // The same device memory for every call of every layer.
-    let stream = device.stream().clone();
-    let d_hidden = stream.clone_htod(&hidden).unwrap();
+    let d_hidden = DeviceBuffer::from_host(&device, &hidden).unwrap();
     let ids: Vec<i32> = (0..50 * 8).map(|i| i * 7 % 64).collect();
-    let d_ids = stream.clone_htod(&ids).unwrap();
+    let d_ids = DeviceBuffer::from_host(&device, &ids).unwrap();
     let address = |layer: &CudaMoeBlock| {
         let mut scratch = layer.get_permute_scratch(50).unwrap();
         let input = DevicePermuteInput::new(
-            DeviceRows::new(DeviceView::new(&d_hidden), config.hidden_size).unwrap(),
-            DeviceTopkIds::new(DeviceExpertIds::I32(DeviceView::new(&d_ids)), 8).unwrap(),
+            DeviceRows::new(d_hidden.view(), config.hidden_size).unwrap(),
+            DeviceTopkIds::new(DeviceExpertIds::I32(d_ids.view()), 8).unwrap(),
         );
-        let out = cuda::permute(&mut scratch, &input).unwrap();
+        let out = cuda::permute(&mut scratch, &stream, &input).unwrap();
         out.permuted_hidden_states.bytes().address()
     };
     let first = address(&layers[0]);
@@ -199,8 +211,10 @@ fn the_device_scratch_is_built_lazily_once_and_shared_by_layers() {
 
 #[test]
 fn the_router_and_activation_kernels_match_the_cpu() {
-    let Some(device) = gpu() else { return };
-    let stream = device.stream().clone();
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
     let mut state = 0x1234_5678_9abc_def1u64;
     let mut unit = move || {
         state ^= state << 13;
@@ -217,25 +231,25 @@ fn the_router_and_activation_kernels_match_the_cpu() {
         let logits: Vec<f32> = (0..tokens * experts).map(|_| unit() * 8.0 - 4.0).collect();
         let (mut ids, mut weights) = (vec![0i32; tokens * top_k], vec![0f32; tokens * top_k]);
         moe_experts::route(&logits, experts, top_k, norm, &mut ids, &mut weights).unwrap();
-        let d_logits = stream.clone_htod(&logits).unwrap();
-        let mut d_ids = stream.alloc_zeros::<i32>(tokens * top_k).unwrap();
-        let mut d_weights = stream.alloc_zeros::<f32>(tokens * top_k).unwrap();
-        cuda::router_topk(
-            &device,
-            DeviceView::new(&d_logits),
+        let d_logits = DeviceBuffer::from_host(&device, &logits).unwrap();
+        let mut d_ids = DeviceBuffer::<i32>::zeros(&device, tokens * top_k).unwrap();
+        let mut d_weights = DeviceBuffer::<f32>::zeros(&device, tokens * top_k).unwrap();
+        router_topk(
+            &stream,
+            d_logits.view(),
             experts,
             top_k,
             norm,
-            moe_runtime::cuda::DeviceViewMut::new(&mut d_ids),
-            moe_runtime::cuda::DeviceViewMut::new(&mut d_weights),
+            d_ids.view_mut(),
+            d_weights.view_mut(),
         )
         .unwrap();
         assert_eq!(
-            stream.clone_dtoh(&d_ids).unwrap(),
+            d_ids.view().to_host(&stream).unwrap(),
             ids,
             "E{experts} K{top_k}"
         );
-        let got = stream.clone_dtoh(&d_weights).unwrap();
+        let got = d_weights.view().to_host(&stream).unwrap();
         for (g, w) in got.iter().zip(&weights) {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "{g} vs {w}");
         }
@@ -245,17 +259,10 @@ fn the_router_and_activation_kernels_match_the_cpu() {
     let gate_up: Vec<bf16> = (0..rows * 2 * columns)
         .map(|_| bf16::from_f32(unit() * 12.0 - 6.0))
         .collect();
-    let d_gate_up = stream.clone_htod(&gate_up).unwrap();
-    let mut d_out = stream.alloc_zeros::<bf16>(rows * columns).unwrap();
-    cuda::silu_mul(
-        &device,
-        DeviceView::new(&d_gate_up),
-        rows,
-        columns,
-        moe_runtime::cuda::DeviceViewMut::new(&mut d_out),
-    )
-    .unwrap();
-    let got = stream.clone_dtoh(&d_out).unwrap();
+    let d_gate_up = DeviceBuffer::from_host(&device, &gate_up).unwrap();
+    let mut d_out = DeviceBuffer::<bf16>::zeros(&device, rows * columns).unwrap();
+    silu_mul(&stream, d_gate_up.view(), rows, columns, d_out.view_mut()).unwrap();
+    let got = d_out.view().to_host(&stream).unwrap();
     for r in 0..rows {
         for c in 0..columns {
             let g = gate_up[r * 2 * columns + c].to_f32();

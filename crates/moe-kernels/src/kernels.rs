@@ -1,8 +1,11 @@
-//! The names of the kernel entry points, spelled once for the host.
+//! The kernel entry points, named once for the host.
 //!
-//! The device side defines each name as an `extern "ptx-kernel"` function in
-//! `device/mod.rs`; a host test checks that every name here is an entry of the
-//! embedded PTX, so the two cannot drift apart.
+//! The device side defines each entry as an `extern "ptx-kernel"` function in
+//! `device/mod.rs`; a host test checks that every [`Kernel::name`] is an entry of the
+//! embedded PTX, so the two cannot drift apart. The host loads the module once per
+//! context into a table indexed by [`Kernel::index`]: a launch never looks a name up.
+
+use crate::params::ParamsKind;
 
 /// Integer width of `topk_ids`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,83 +56,117 @@ pub enum Float {
     BF16,
 }
 
-/// `route_count_*`: per-chunk expert counts (multi-chunk calls only).
-pub const fn route_count(align: bool, ids: IdWidth) -> &'static str {
-    match (align, ids) {
-        (false, IdWidth::I32) => "route_count_i32",
-        (false, IdWidth::I64) => "route_count_i64",
-        (true, IdWidth::I32) => "route_count_align_i32",
-        (true, IdWidth::I64) => "route_count_align_i64",
-    }
+macro_rules! kernels {
+    ($($variant:ident => $name:literal, $params:ident;)*) => {
+        /// One entry point of the PTX module.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum Kernel {
+            $(
+                #[doc = concat!("`", $name, "`")]
+                $variant,
+            )*
+        }
+
+        impl Kernel {
+            /// Every entry point, in [`Kernel::index`] order.
+            pub const ALL: [Kernel; [$($name),*].len()] = [$(Kernel::$variant),*];
+
+            /// The entry point's name in the PTX.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Kernel::$variant => $name,)*
+                }
+            }
+
+            /// The parameter block the entry point takes.
+            pub const fn params(self) -> ParamsKind {
+                match self {
+                    $(Kernel::$variant => ParamsKind::$params,)*
+                }
+            }
+        }
+    };
 }
 
-/// `route_scan*`: expert offsets and chunk first rows (multi-chunk calls only).
-pub const fn route_scan(align: bool) -> &'static str {
-    if align {
-        "route_scan_align"
-    } else {
-        "route_scan"
-    }
+kernels! {
+    RouteCountI32 => "route_count_i32", Route;
+    RouteCountI64 => "route_count_i64", Route;
+    RouteCountAlignI32 => "route_count_align_i32", Route;
+    RouteCountAlignI64 => "route_count_align_i64", Route;
+    RouteScan => "route_scan", Route;
+    RouteScanAlign => "route_scan_align", Route;
+    RoutePlaceI32 => "route_place_i32", Route;
+    RoutePlaceI64 => "route_place_i64", Route;
+    RoutePlaceAlignI32 => "route_place_align_i32", Route;
+    RoutePlaceAlignI64 => "route_place_align_i64", Route;
+    PermuteRowsV16 => "permute_rows_v16", PermuteRows;
+    PermuteRowsV4 => "permute_rows_v4", PermuteRows;
+    PermuteRowsV1 => "permute_rows_v1", PermuteRows;
+    UnpermuteF32V16 => "unpermute_f32_v16", Unpermute;
+    UnpermuteF32V1 => "unpermute_f32_v1", Unpermute;
+    UnpermuteF16V16 => "unpermute_f16_v16", Unpermute;
+    UnpermuteF16V1 => "unpermute_f16_v1", Unpermute;
+    UnpermuteBf16V16 => "unpermute_bf16_v16", Unpermute;
+    UnpermuteBf16V1 => "unpermute_bf16_v1", Unpermute;
+    RouterTopk => "router_topk", Router;
+    SiluMulBf16 => "silu_mul_bf16", SiluMul;
 }
 
-/// `route_place_*`: the stable placement of every entry.
-pub const fn route_place(align: bool, ids: IdWidth) -> &'static str {
-    match (align, ids) {
-        (false, IdWidth::I32) => "route_place_i32",
-        (false, IdWidth::I64) => "route_place_i64",
-        (true, IdWidth::I32) => "route_place_align_i32",
-        (true, IdWidth::I64) => "route_place_align_i64",
+impl Kernel {
+    /// The entry point's position in [`Kernel::ALL`]: the index of its function in a
+    /// loaded module's table.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `route_count_*`: per-chunk expert counts (multi-chunk calls only).
+    pub const fn route_count(align: bool, ids: IdWidth) -> Kernel {
+        match (align, ids) {
+            (false, IdWidth::I32) => Kernel::RouteCountI32,
+            (false, IdWidth::I64) => Kernel::RouteCountI64,
+            (true, IdWidth::I32) => Kernel::RouteCountAlignI32,
+            (true, IdWidth::I64) => Kernel::RouteCountAlignI64,
+        }
+    }
+
+    /// `route_scan*`: expert offsets and chunk first rows (multi-chunk calls only).
+    pub const fn route_scan(align: bool) -> Kernel {
+        if align {
+            Kernel::RouteScanAlign
+        } else {
+            Kernel::RouteScan
+        }
+    }
+
+    /// `route_place_*`: the stable placement of every entry.
+    pub const fn route_place(align: bool, ids: IdWidth) -> Kernel {
+        match (align, ids) {
+            (false, IdWidth::I32) => Kernel::RoutePlaceI32,
+            (false, IdWidth::I64) => Kernel::RoutePlaceI64,
+            (true, IdWidth::I32) => Kernel::RoutePlaceAlignI32,
+            (true, IdWidth::I64) => Kernel::RoutePlaceAlignI64,
+        }
+    }
+
+    /// `permute_rows_*`: the row scatter.
+    pub const fn permute_rows(vector: RowVector) -> Kernel {
+        match vector {
+            RowVector::Bytes16 => Kernel::PermuteRowsV16,
+            RowVector::Bytes4 => Kernel::PermuteRowsV4,
+            RowVector::Bytes1 => Kernel::PermuteRowsV1,
+        }
+    }
+
+    /// `unpermute_*`: the weighted combine; `vector` when rows allow 16-byte accesses.
+    pub const fn unpermute(float: Float, vector: bool) -> Kernel {
+        match (float, vector) {
+            (Float::F32, true) => Kernel::UnpermuteF32V16,
+            (Float::F32, false) => Kernel::UnpermuteF32V1,
+            (Float::F16, true) => Kernel::UnpermuteF16V16,
+            (Float::F16, false) => Kernel::UnpermuteF16V1,
+            (Float::BF16, true) => Kernel::UnpermuteBf16V16,
+            (Float::BF16, false) => Kernel::UnpermuteBf16V1,
+        }
     }
 }
-
-/// `permute_rows_*`: the row scatter.
-pub const fn permute_rows(vector: RowVector) -> &'static str {
-    match vector {
-        RowVector::Bytes16 => "permute_rows_v16",
-        RowVector::Bytes4 => "permute_rows_v4",
-        RowVector::Bytes1 => "permute_rows_v1",
-    }
-}
-
-/// `unpermute_*`: the weighted combine; `vector` when rows allow 16-byte accesses.
-pub const fn unpermute(float: Float, vector: bool) -> &'static str {
-    match (float, vector) {
-        (Float::F32, true) => "unpermute_f32_v16",
-        (Float::F32, false) => "unpermute_f32_v1",
-        (Float::F16, true) => "unpermute_f16_v16",
-        (Float::F16, false) => "unpermute_f16_v1",
-        (Float::BF16, true) => "unpermute_bf16_v16",
-        (Float::BF16, false) => "unpermute_bf16_v1",
-    }
-}
-
-/// `router_topk`: the MoE block's router.
-pub const ROUTER_TOPK: &str = "router_topk";
-
-/// `silu_mul_bf16`: the experts' activation.
-pub const SILU_MUL_BF16: &str = "silu_mul_bf16";
-
-/// Every entry point of the module.
-pub const ALL: [&str; 21] = [
-    route_count(false, IdWidth::I32),
-    route_count(false, IdWidth::I64),
-    route_count(true, IdWidth::I32),
-    route_count(true, IdWidth::I64),
-    route_scan(false),
-    route_scan(true),
-    route_place(false, IdWidth::I32),
-    route_place(false, IdWidth::I64),
-    route_place(true, IdWidth::I32),
-    route_place(true, IdWidth::I64),
-    permute_rows(RowVector::Bytes16),
-    permute_rows(RowVector::Bytes4),
-    permute_rows(RowVector::Bytes1),
-    unpermute(Float::F32, true),
-    unpermute(Float::F32, false),
-    unpermute(Float::F16, true),
-    unpermute(Float::F16, false),
-    unpermute(Float::BF16, true),
-    unpermute(Float::BF16, false),
-    ROUTER_TOPK,
-    SILU_MUL_BF16,
-];

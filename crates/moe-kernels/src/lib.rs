@@ -37,14 +37,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_kernel_name_is_an_entry_of_the_ptx() {
-        for name in kernels::ALL {
-            let entry = [".entry ", name, "("].concat();
+    fn every_kernel_is_an_entry_of_the_ptx_at_its_index() {
+        use kernels::Kernel;
+        for (index, kernel) in Kernel::ALL.into_iter().enumerate() {
+            assert_eq!(kernel.index(), index, "{kernel:?}");
+            let entry = [".entry ", kernel.name(), "("].concat();
             assert!(
                 PTX.contains(&entry),
-                "{name} is not in kernels-gpu/moe_kernels.ptx"
+                "{} is not in kernels-gpu/moe_kernels.ptx",
+                kernel.name()
             );
         }
+        let entries = PTX.matches(".entry ").count();
+        assert_eq!(
+            entries,
+            Kernel::ALL.len(),
+            "the PTX has entries Kernel does not name"
+        );
     }
 
     #[test]

@@ -114,6 +114,10 @@ pub struct RouteParams {
     pub block_expert_ids: u64,
     /// align: `[1]` i32, the padded row count.
     pub num_rows_post_padded: u64,
+    /// The call's [`StatusBlock::call`] word: `(call id << 8) | op`.
+    pub call: u64,
+    /// The [`StatusBlock`] a malformed `expert_map` entry is reported in.
+    pub status: u64,
 }
 
 /// Arguments of `permute_rows_*`: the scatter of each source row to its `K` rows.
@@ -151,6 +155,10 @@ pub struct UnpermuteParams {
     pub num_offsets: u32,
     /// Explicit padding: the block has no implicit padding bytes.
     pub _pad: u32,
+    /// The call's [`StatusBlock::call`] word: `(call id << 8) | op`.
+    pub call: u64,
+    /// The [`StatusBlock`] a bad valid count or a negative row index is reported in.
+    pub status: u64,
     /// `[R, H]` expert outputs in permuted order.
     pub permuted_hidden_states: u64,
     /// `[N*K]` i32.
@@ -161,6 +169,68 @@ pub struct UnpermuteParams {
     pub topk_weights: u64,
     /// `[N, H]` output.
     pub output: u64,
+}
+
+/// Bytes of a [`StatusBlock`] in device memory.
+pub const STATUS_BYTES: usize = 64;
+/// The value of every word of a clear [`StatusBlock`] (a `0xFF` byte fill).
+pub const STATUS_CLEAR: u64 = u64::MAX;
+
+/// Which operation a [`StatusBlock::call`] word names (its low 8 bits).
+pub mod status_op {
+    pub const PERMUTE: u64 = 1;
+    pub const ALIGN: u64 = 2;
+    pub const UNPERMUTE: u64 = 3;
+}
+
+/// Where kernels record bad input the host could not see without reading device
+/// memory: a malformed `expert_map` entry (permute, align), a valid count outside
+/// the rows given or a negative row index (unpermute).
+///
+/// Every word is [`STATUS_CLEAR`] until something is reported. The first call that
+/// reports takes [`Self::call`] (compare-and-swap); reports of later calls with
+/// another call word are dropped, so the block holds the first failing call's
+/// error. Within a call, each slot keeps the lowest position (an atomic minimum over
+/// `position << 32 | value`), as the CPU reports the first offending element.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StatusBlock {
+    /// `(call id << 8) | op` of the first call that reported ([`status_op`]).
+    pub call: u64,
+    /// `index << 32 | value as u32` of the lowest malformed `expert_map` entry.
+    pub map_entry: u64,
+    /// `L`: local ids must be `-1` or in `0..L`.
+    pub map_bound: u64,
+    /// The valid count `expert_first_token_offset[L]` as read (i64 bits).
+    pub valid_count: u64,
+    /// `position << 32 | rows`: the offset's index (`L`) and the rows given.
+    pub valid_bound: u64,
+    /// `position << 32 | value as u32` of the lowest negative `inv_permuted_idx` entry.
+    pub inv_entry: u64,
+    pub _reserved: [u64; 2],
+}
+
+impl StatusBlock {
+    /// Word indices of the fields, for the kernels' atomics.
+    pub const CALL: usize = 0;
+    pub const MAP_ENTRY: usize = 1;
+    pub const MAP_BOUND: usize = 2;
+    pub const VALID_COUNT: usize = 3;
+    pub const VALID_BOUND: usize = 4;
+    pub const INV_ENTRY: usize = 5;
+
+    /// A block read back from the device, from its `STATUS_BYTES / 8` words.
+    pub const fn from_words(words: [u64; STATUS_BYTES / 8]) -> Self {
+        Self {
+            call: words[Self::CALL],
+            map_entry: words[Self::MAP_ENTRY],
+            map_bound: words[Self::MAP_BOUND],
+            valid_count: words[Self::VALID_COUNT],
+            valid_bound: words[Self::VALID_BOUND],
+            inv_entry: words[Self::INV_ENTRY],
+            _reserved: [words[6], words[7]],
+        }
+    }
 }
 
 /// Threads in a block of `router_topk`: one warp per token.
@@ -213,9 +283,10 @@ const _: () = {
     assert!(size_of::<RoutingDims>() == 16 && align_of::<RoutingDims>() == 4);
     assert!(size_of::<RowLayout>() == 8 && align_of::<RowLayout>() == 4);
     assert!(size_of::<AlignDims>() == 8 && align_of::<AlignDims>() == 4);
-    assert!(size_of::<RouteParams>() == 104 && align_of::<RouteParams>() == 8);
+    assert!(size_of::<RouteParams>() == 120 && align_of::<RouteParams>() == 8);
     assert!(size_of::<PermuteRowsParams>() == 72 && align_of::<PermuteRowsParams>() == 8);
-    assert!(size_of::<UnpermuteParams>() == 64 && align_of::<UnpermuteParams>() == 8);
+    assert!(size_of::<UnpermuteParams>() == 80 && align_of::<UnpermuteParams>() == 8);
+    assert!(size_of::<StatusBlock>() == STATUS_BYTES && align_of::<StatusBlock>() == 8);
     assert!(size_of::<RouterParams>() == 40 && align_of::<RouterParams>() == 8);
     assert!(size_of::<SiluMulParams>() == 24 && align_of::<SiluMulParams>() == 8);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
@@ -223,22 +294,45 @@ const _: () = {
     assert!(ROUTE_CHUNK / ROUTE_WARPS <= u16::MAX as u32);
 };
 
-/// The blocks cross to the GPU as kernel arguments through cudarc (host side only).
-#[cfg(all(feature = "cudarc", not(target_arch = "nvptx64")))]
-mod device_repr {
-    use super::*;
+/// Which parameter block a kernel takes (see [`crate::kernels::Kernel::params`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamsKind {
+    Route,
+    PermuteRows,
+    Unpermute,
+    Router,
+    SiluMul,
+}
 
-    // The blocks are `#[repr(C)]`, `Copy`, integers only with no implicit padding
-    // (`UnpermuteParams` names its padding), and have the layout of the kernels'
-    // parameter since the kernels are compiled from this same definition.
-    // SAFETY: as said above.
-    unsafe impl cudarc::driver::DeviceRepr for RouteParams {}
-    // SAFETY: as above.
-    unsafe impl cudarc::driver::DeviceRepr for PermuteRowsParams {}
-    // SAFETY: as above.
-    unsafe impl cudarc::driver::DeviceRepr for UnpermuteParams {}
-    // SAFETY: as above.
-    unsafe impl cudarc::driver::DeviceRepr for RouterParams {}
-    // SAFETY: as above.
-    unsafe impl cudarc::driver::DeviceRepr for SiluMulParams {}
+/// A parameter block that crosses to the GPU as a kernel's one argument, by value.
+///
+/// # Safety
+/// Implemented only for the `#[repr(C)]` blocks of this module: plain integers with no
+/// implicit padding, whose layout is the kernels' parameter (they are compiled from
+/// this same definition), and whose [`Self::KIND`] names them.
+pub unsafe trait KernelParams: Copy {
+    /// The kernels this block is the argument of.
+    const KIND: ParamsKind;
+}
+
+// SAFETY: `#[repr(C)]`, `Copy`, integers only, sizes pinned above with no implicit
+// padding (`UnpermuteParams` names its padding); the kernels take this exact type.
+unsafe impl KernelParams for RouteParams {
+    const KIND: ParamsKind = ParamsKind::Route;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for PermuteRowsParams {
+    const KIND: ParamsKind = ParamsKind::PermuteRows;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for UnpermuteParams {
+    const KIND: ParamsKind = ParamsKind::Unpermute;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for RouterParams {
+    const KIND: ParamsKind = ParamsKind::Router;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for SiluMulParams {
+    const KIND: ParamsKind = ParamsKind::SiluMul;
 }

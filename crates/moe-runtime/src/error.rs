@@ -1,5 +1,8 @@
 //! The errors every operation of the runtime returns.
 
+use cudarc::driver::DriverError;
+use moe_kernels::ParamsKind;
+
 use crate::{DType, Device};
 
 /// A call that does not fit the permute scratch it was given.
@@ -46,6 +49,10 @@ pub enum ScratchMismatch {
         "the scratch has no align buffers (build it with `ScratchConfig::with_align_block_size`)"
     )]
     NoAlignBuffers,
+    #[error(
+        "the scratch runs on stream {bound:#x}, the call is on stream {call:#x}: move it with `switch_stream` first"
+    )]
+    Stream { bound: usize, call: usize },
 }
 
 /// A scratch configuration that cannot be built.
@@ -91,8 +98,21 @@ pub enum MoeError {
         expected: DType,
         got: DType,
     },
+    #[error("{tensor} is {got}; {op} takes {}", list_dtypes(supported))]
+    UnsupportedDtype {
+        tensor: &'static str,
+        op: &'static str,
+        got: DType,
+        supported: &'static [DType],
+    },
     #[error("{tensor} is not aligned to its element type ({dtype})")]
     Misaligned { tensor: &'static str, dtype: DType },
+    #[error("{what} at {address:#x} is not aligned to {alignment} bytes")]
+    MemoryAlignment {
+        what: &'static str,
+        address: u64,
+        alignment: usize,
+    },
     #[error("expert_map[{index}] = {value}: local ids must be -1 or in 0..{num_local_experts}")]
     ExpertMapEntry {
         index: usize,
@@ -108,8 +128,33 @@ pub enum MoeError {
     },
     #[error("cannot allocate {bytes} bytes for the scratch's {buffer}")]
     OutOfMemory { buffer: &'static str, bytes: u128 },
-    #[error("CUDA driver error while trying to {action}: {error}")]
-    Driver { action: &'static str, error: String },
+    #[error("CUDA driver error while trying to {action}")]
+    Driver {
+        action: &'static str,
+        #[source]
+        source: DriverError,
+    },
+    #[error(
+        "{tensor} is bound to stream {bound:#x}, the call is on stream {call:#x} (use it on its own stream, or order the streams and call `on_any_stream`)"
+    )]
+    StreamMismatch {
+        tensor: &'static str,
+        bound: usize,
+        call: usize,
+    },
+    #[error("the stream belongs to a context of {stream_device}, not to {device}'s")]
+    ForeignStream {
+        device: Device,
+        stream_device: Device,
+    },
+    #[error("cannot {action} while the stream is capturing a CUDA graph")]
+    Capturing { action: &'static str },
+    #[error("kernel {kernel} takes {expected:?} parameters, not {got:?}")]
+    KernelParams {
+        kernel: &'static str,
+        expected: ParamsKind,
+        got: ParamsKind,
+    },
     #[error("{device} is not available: {reason}")]
     DeviceUnavailable { device: Device, reason: String },
     #[error(
@@ -126,4 +171,15 @@ pub enum MoeError {
     },
 }
 
+/// `f32, f16 or bf16`.
+fn list_dtypes(dtypes: &[DType]) -> String {
+    let names: Vec<&str> = dtypes.iter().map(|dtype| dtype.name()).collect();
+    match names.split_last() {
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "no type".into(),
+    }
+}
+
+/// The runtime's result type.
 pub type Result<T, E = MoeError> = std::result::Result<T, E>;

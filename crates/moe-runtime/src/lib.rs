@@ -53,6 +53,7 @@ mod dtype;
 mod error;
 mod scratch;
 mod tensor;
+mod unpermute_check;
 mod workspace;
 
 pub use config::{CallShape, RowSpec, ScratchConfig};

@@ -7,59 +7,19 @@
 //! GPU fails them. `MOE_GPU_CASES` sets the random cases per test (default 48; fewer
 //! under compute-sanitizer).
 
-use std::sync::Arc;
+mod support;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, sys};
 use moe_runtime::cpu::{self, PermuteInput, UnpermuteInput};
+use moe_runtime::cuda::cudarc::driver::sys;
 use moe_runtime::cuda::{
-    self, CudaDevice, DeviceExpertIds, DevicePermuteDest, DevicePermuteInput, DeviceRows,
-    DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, DeviceViewMut,
+    self, DeviceBuffer, DeviceExpertIds, DevicePermuteDest, DevicePermuteInput, DeviceRows,
+    DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, StatusBuffer,
+    Stream,
 };
 use moe_runtime::{
     DType, Device, MoeError, PermuteScratch, Rows, Scales, ScratchConfig, TopkIds, bf16, f16,
 };
-
-/// The GPU, or `None` (after saying why) when there is none and none is required.
-fn gpu() -> Option<Arc<CudaDevice>> {
-    match CudaDevice::new(0) {
-        Ok(device) => Some(device),
-        Err(error) if std::env::var("MOE_REQUIRE_GPU").as_deref() == Ok("1") => {
-            panic!("MOE_REQUIRE_GPU=1 but no GPU can be used: {error}")
-        }
-        Err(error) => {
-            eprintln!("no GPU found, skipping: {error}");
-            None
-        }
-    }
-}
-
-fn case_count() -> usize {
-    std::env::var("MOE_GPU_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
-}
-
-/// xorshift64*: reproducible from the seed each case prints.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn normal(&mut self) -> f32 {
-        (0..4)
-            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32)
-            .sum::<f32>()
-            - 2.0
-    }
-}
+use support::{Rng, case_count, gpu};
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -135,7 +95,7 @@ fn cases() -> Vec<Case> {
         edge(4096 / 8 + 1, 8, 512, 128, DType::F32),
         edge(16384, 8, 256, 256, DType::BF16),
     ];
-    cases.extend((0..case_count() as u64).map(|i| random_case(0x9e37_79b9 * (i + 1))));
+    cases.extend((0..case_count(48) as u64).map(|i| random_case(0x9e37_79b9 * (i + 1))));
     let max_tokens = std::env::var("MOE_GPU_MAX_TOKENS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -203,63 +163,65 @@ fn inputs(case: &Case) -> HostInputs {
     }
 }
 
-/// A host vector in device memory.
-fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    host: &[T],
-) -> CudaSlice<T> {
-    if host.is_empty() {
-        return stream.alloc_zeros::<T>(1).unwrap();
-    }
-    stream.clone_htod(host).unwrap()
-}
-
-fn view<T: cudarc::driver::DeviceRepr>(slice: &CudaSlice<T>, len: usize) -> DeviceView<'_, T> {
-    DeviceView::new(slice).prefix(len)
-}
-
 /// The device copies of a case's inputs.
 struct DeviceInputs {
-    hidden: CudaSlice<u8>,
-    ids32: CudaSlice<i32>,
-    ids64: CudaSlice<i64>,
-    map: CudaSlice<i32>,
-    scales: CudaSlice<f32>,
-    weights: CudaSlice<f32>,
+    hidden: DeviceBuffer<u8>,
+    ids32: DeviceBuffer<i32>,
+    ids64: DeviceBuffer<i64>,
+    map: DeviceBuffer<i32>,
+    scales: DeviceBuffer<f32>,
+    weights: DeviceBuffer<f32>,
+}
+
+fn upload<T: cuda::DeviceRepr>(device: &cuda::CudaDevice, host: &[T]) -> DeviceBuffer<T> {
+    DeviceBuffer::from_host(device, host).unwrap()
 }
 
 impl DeviceInputs {
-    fn new(stream: &Arc<CudaStream>, host: &HostInputs) -> Self {
+    fn new(device: &cuda::CudaDevice, host: &HostInputs) -> Self {
         let ids32: Vec<i32> = host.ids.iter().map(|&id| id as i32).collect();
         Self {
-            hidden: upload(stream, &host.hidden),
-            ids32: upload(stream, &ids32),
-            ids64: upload(stream, &host.ids),
-            map: upload(stream, host.map.as_deref().unwrap_or(&[])),
-            scales: upload(stream, &host.scales),
-            weights: upload(stream, &host.weights),
+            hidden: upload(device, &host.hidden),
+            ids32: upload(device, &ids32),
+            ids64: upload(device, &host.ids),
+            map: upload(device, host.map.as_deref().unwrap_or(&[])),
+            scales: upload(device, &host.scales),
+            weights: upload(device, &host.weights),
         }
+    }
+
+    /// Copies new inputs of the same case into the same device memory.
+    fn refill(&mut self, stream: &Stream<'_>, host: &HostInputs) {
+        let ids32: Vec<i32> = host.ids.iter().map(|&id| id as i32).collect();
+        self.hidden.copy_from_host(stream, &host.hidden).unwrap();
+        self.ids32.copy_from_host(stream, &ids32).unwrap();
+        self.ids64.copy_from_host(stream, &host.ids).unwrap();
+        if let Some(map) = &host.map {
+            self.map.copy_from_host(stream, map).unwrap();
+        }
+        self.scales.copy_from_host(stream, &host.scales).unwrap();
+        self.weights.copy_from_host(stream, &host.weights).unwrap();
     }
 
     fn permute_input<'a>(&'a self, case: &Case, host: &HostInputs) -> DevicePermuteInput<'a> {
         let entries = case.tokens * case.topk;
         let ids = if case.ids64 {
-            DeviceExpertIds::I64(view(&self.ids64, entries))
+            DeviceExpertIds::I64(self.ids64.view().prefix(entries))
         } else {
-            DeviceExpertIds::I32(view(&self.ids32, entries))
+            DeviceExpertIds::I32(self.ids32.view().prefix(entries))
         };
         let rows = DeviceRows::from_bytes(
-            view(&self.hidden, host.hidden.len()),
+            self.hidden.view().prefix(host.hidden.len()),
             case.dtype,
             case.hidden,
         )
         .unwrap();
         let mut input = DevicePermuteInput::new(rows, DeviceTopkIds::new(ids, case.topk).unwrap());
         if let Some(map) = &host.map {
-            input = input.with_expert_map(view(&self.map, map.len()));
+            input = input.with_expert_map(self.map.view().prefix(map.len()));
         }
         if case.scale_columns > 0 {
-            let scales = view(&self.scales, host.scales.len());
+            let scales = self.scales.view().prefix(host.scales.len());
             input = input.with_scales(DeviceScales::new(scales, case.scale_columns).unwrap());
         }
         input
@@ -328,12 +290,14 @@ const POISON: u8 = 0xA5;
 
 #[test]
 fn permute_and_align_match_the_cpu_bit_for_bit() {
-    let Some(device) = gpu() else { return };
-    let stream = device.stream().clone();
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
     for case in cases() {
         let host = inputs(&case);
         let want = expected(&case, &host);
-        let inputs = DeviceInputs::new(&stream, &host);
+        let inputs = DeviceInputs::new(&device, &host);
         let input = inputs.permute_input(&case, &host);
         let mut scratch =
             PermuteScratch::with_cuda_device(config(&case, device.device()), device.clone())
@@ -341,7 +305,7 @@ fn permute_and_align_match_the_cpu_bit_for_bit() {
         let valid = *want.offsets.last().unwrap() as usize;
         let row_bytes = case.hidden * case.dtype.size_bytes();
 
-        let out = cuda::permute(&mut scratch, &input).unwrap();
+        let out = cuda::permute(&mut scratch, &stream, &input).unwrap();
         let offsets = out.expert_first_token_offset.to_host(&stream).unwrap();
         assert_eq!(offsets, want.offsets, "offsets, {case:?}");
         let got = out.inv_permuted_idx.to_host(&stream).unwrap();
@@ -360,28 +324,28 @@ fn permute_and_align_match_the_cpu_bit_for_bit() {
             );
         }
         let addresses = out.permuted_hidden_states.bytes().address();
+        // Valid input: nothing was reported.
+        scratch.check_status(&stream).unwrap();
 
         // Caller-owned, poisoned destinations: rows after the valid ones stay poison.
         let entries = case.tokens * case.topk;
-        let mut dest_rows = upload(&stream, &vec![POISON; entries * row_bytes + 16]);
+        let mut dest_rows = upload(&device, &vec![POISON; entries * row_bytes + 16]);
         let mut dest_scales = upload(
-            &stream,
+            &device,
             &vec![f32::from_bits(0x7fc0_dead); entries * case.scale_columns],
         );
         let dest = DevicePermuteDest {
             hidden_states: DeviceRowsMut::from_bytes(
-                prefix_mut(&mut dest_rows, entries * row_bytes),
+                dest_rows.view_mut().prefix(entries * row_bytes),
                 case.dtype,
                 case.hidden,
             )
             .unwrap(),
             scales: (case.scale_columns > 0)
-                .then(|| prefix_mut(&mut dest_scales, entries * case.scale_columns)),
+                .then(|| dest_scales.view_mut().prefix(entries * case.scale_columns)),
         };
-        cuda::permute_into(&mut scratch, &input, dest).unwrap();
-        let rows = view(&dest_rows, entries * row_bytes + 16)
-            .to_host(&stream)
-            .unwrap();
+        cuda::permute_into(&mut scratch, &stream, &input, dest).unwrap();
+        let rows = dest_rows.view().to_host(&stream).unwrap();
         assert!(
             rows[..valid * row_bytes] == want.rows[..],
             "permute_into rows, {case:?}"
@@ -391,9 +355,7 @@ fn permute_and_align_match_the_cpu_bit_for_bit() {
             "unwritten rows, {case:?}"
         );
         if case.scale_columns > 0 {
-            let scales = view(&dest_scales, entries * case.scale_columns)
-                .to_host(&stream)
-                .unwrap();
+            let scales = dest_scales.view().to_host(&stream).unwrap();
             let split = valid * case.scale_columns;
             assert_eq!(
                 &scales[..split],
@@ -407,10 +369,11 @@ fn permute_and_align_match_the_cpu_bit_for_bit() {
         }
 
         // A second call returns views of the same memory.
-        let again = cuda::permute(&mut scratch, &input).unwrap();
+        let again = cuda::permute(&mut scratch, &stream, &input).unwrap();
         assert_eq!(again.permuted_hidden_states.bytes().address(), addresses);
 
-        let aligned = cuda::align(&mut scratch, &input.topk_ids, input.expert_map).unwrap();
+        let aligned =
+            cuda::align(&mut scratch, &stream, &input.topk_ids, input.expert_map).unwrap();
         let got = aligned.sorted_ids.to_host(&stream).unwrap();
         assert_eq!(got, want.sorted_ids, "sorted_ids, {case:?}");
         let got = aligned.block_expert_ids.to_host(&stream).unwrap();
@@ -423,26 +386,17 @@ fn permute_and_align_match_the_cpu_bit_for_bit() {
         );
 
         // The allocating path gives the same.
-        let owned = cuda::allocating::permute(&device, &input, case.experts, case.local).unwrap();
+        let owned =
+            cuda::allocating::permute(&device, &stream, &input, case.experts, case.local).unwrap();
         let out = owned.output().unwrap();
         let got = out.permuted_idx.to_host(&stream).unwrap();
-        assert_eq!(got, want.permuted_idx, "permute_alloc, {case:?}");
+        assert_eq!(got, want.permuted_idx, "allocating::permute, {case:?}");
         let rows = out.permuted_hidden_states.bytes().to_host(&stream).unwrap();
         assert!(
             rows[..valid * row_bytes] == want.rows[..],
-            "permute_alloc rows, {case:?}"
+            "allocating::permute rows, {case:?}"
         );
     }
-}
-
-fn prefix_mut<T: cudarc::driver::DeviceRepr>(
-    slice: &mut CudaSlice<T>,
-    len: usize,
-) -> DeviceViewMut<'_, T> {
-    let ordinal = slice.ordinal();
-    let address = DeviceViewMut::new(slice).address();
-    // SAFETY: the first `len` elements of `slice`, borrowed mutably for the view.
-    unsafe { DeviceViewMut::from_raw(address, len, ordinal) }
 }
 
 /// Whether `a` and `b` are at most one unit in the last place apart.
@@ -502,8 +456,11 @@ fn host_unpermute(
 
 #[test]
 fn unpermute_matches_the_cpu_within_one_ulp() {
-    let Some(device) = gpu() else { return };
-    let stream = device.stream().clone();
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
+    let status = StatusBuffer::new(&device).unwrap();
     for mut case in cases() {
         if !matches!(case.dtype, DType::F32 | DType::F16 | DType::BF16) {
             case.dtype = DType::BF16;
@@ -517,43 +474,43 @@ fn unpermute_matches_the_cpu_within_one_ulp() {
         let expert_out = random_bytes(&mut rng, case.dtype, rows * case.hidden);
         let cpu_out = host_unpermute(&case, &host, &expert_out, (&want.inv, &want.offsets));
 
-        let d_rows = upload(&stream, &expert_out);
-        let d_inv = upload(&stream, &want.inv);
-        let d_offsets = upload(&stream, &want.offsets);
-        let d_weights = upload(&stream, &host.weights);
+        let d_rows = upload(&device, &expert_out);
+        let d_inv = upload(&device, &want.inv);
+        let d_offsets = upload(&device, &want.offsets);
+        let d_weights = upload(&device, &host.weights);
         let out_len = case.tokens * case.hidden * case.dtype.size_bytes();
-        let mut d_out = upload(&stream, &vec![POISON; out_len.max(1)]);
+        let mut d_out = upload(&device, &vec![POISON; out_len.max(1)]);
         let input = DeviceUnpermuteInput {
             permuted_hidden_states: DeviceRows::from_bytes(
-                view(&d_rows, expert_out.len()),
+                d_rows.view().prefix(expert_out.len()),
                 case.dtype,
                 case.hidden,
             )
             .unwrap(),
-            inv_permuted_idx: view(&d_inv, want.inv.len()),
-            expert_first_token_offset: view(&d_offsets, want.offsets.len()),
-            topk_weights: view(&d_weights, host.weights.len()),
+            inv_permuted_idx: d_inv.view().prefix(want.inv.len()),
+            expert_first_token_offset: d_offsets.view(),
+            topk_weights: d_weights.view().prefix(host.weights.len()),
             topk: case.topk,
+            status: status.view(),
         };
         let out =
-            DeviceRowsMut::from_bytes(prefix_mut(&mut d_out, out_len), case.dtype, case.hidden)
+            DeviceRowsMut::from_bytes(d_out.view_mut().prefix(out_len), case.dtype, case.hidden)
                 .unwrap();
-        cuda::unpermute_into(&device, &input, out).unwrap();
-        let got = view(&d_out, out_len).to_host(&stream).unwrap();
+        cuda::unpermute_into(&stream, &input, out).unwrap();
+        let got = d_out.view().prefix(out_len).to_host(&stream).unwrap();
         assert!(
             within_one_ulp(case.dtype, &got, &cpu_out),
             "unpermute, {case:?}"
         );
-        let exact = got == cpu_out;
-        if !exact {
+        if got != cpu_out {
             eprintln!("unpermute within 1 ulp but not identical: {case:?}");
         }
+        status.view().check(&stream).unwrap();
 
         if case.dtype == DType::BF16 {
-            let owned: CudaSlice<bf16> = cuda::allocating::unpermute(&device, &input).unwrap();
-            let (address, _) = owned.device_ptr(&stream);
-            assert_ne!(address, 0);
-            let got = stream.clone_dtoh(&owned).unwrap();
+            let owned = cuda::allocating::unpermute::<bf16>(&stream, &input).unwrap();
+            assert_ne!(owned.view().address(), 0);
+            let got = owned.view().to_host(&stream).unwrap();
             let got = Rows::new(&got[..case.tokens * case.hidden], case.hidden)
                 .unwrap()
                 .as_bytes()
@@ -566,11 +523,10 @@ fn unpermute_matches_the_cpu_within_one_ulp() {
     }
 }
 
-#[test]
-fn a_captured_graph_replays_permute_and_unpermute_on_new_inputs() {
-    let Some(device) = gpu() else { return };
-    let stream = device.stream().clone();
-    let case = Case {
+/// The case every graph and stream test uses: a layer of 300 tokens, top-8 of 64
+/// experts, 48 of them local.
+fn layer_case() -> Case {
+    Case {
         seed: 11,
         tokens: 300,
         topk: 8,
@@ -582,38 +538,100 @@ fn a_captured_graph_replays_permute_and_unpermute_on_new_inputs() {
         map: true,
         scale_columns: 1,
         block_size: 16,
+    }
+}
+
+/// A layer's shuffle on `stream`: permute, identity experts, unpermute into `out`.
+fn layer(
+    scratch: &mut PermuteScratch,
+    stream: &Stream<'_>,
+    case: &Case,
+    host: &HostInputs,
+    inputs: &DeviceInputs,
+    out: &mut DeviceBuffer<u8>,
+) -> Result<(), MoeError> {
+    let input = inputs.permute_input(case, host);
+    let routed = cuda::permute(scratch, stream, &input)?;
+    let combine = DeviceUnpermuteInput {
+        permuted_hidden_states: routed.permuted_hidden_states,
+        inv_permuted_idx: routed.inv_permuted_idx,
+        expert_first_token_offset: routed.expert_first_token_offset,
+        topk_weights: inputs.weights.view().prefix(case.tokens * case.topk),
+        topk: case.topk,
+        status: routed.status,
     };
+    let out_len = case.tokens * case.hidden * case.dtype.size_bytes();
+    let dest = DeviceRowsMut::from_bytes(out.view_mut().prefix(out_len), case.dtype, case.hidden)?;
+    cuda::unpermute_into(stream, &combine, dest)
+}
+
+/// The CPU's result of [`layer`].
+fn layer_on_cpu(case: &Case, host: &HostInputs) -> Vec<u8> {
+    let want = expected(case, host);
+    host_unpermute(case, host, &want.rows, (&want.inv, &want.offsets))
+}
+
+#[test]
+fn a_graph_captured_on_a_side_stream_replays_permute_and_unpermute_on_new_inputs() {
+    let Some((device, _)) = gpu() else { return };
+    // The calls run on the stream PyTorch would capture on: a side stream, not the
+    // one the warm-up ran on. The scratch moves there, ordered, before the capture.
+    let (warm, side) = (device.new_stream().unwrap(), device.new_stream().unwrap());
+    let (warm_stream, side_stream) = (device.stream(&warm).unwrap(), device.stream(&side).unwrap());
+    let case = layer_case();
     let mut host = inputs(&case);
-    let mut inputs = DeviceInputs::new(&stream, &host);
+    let mut inputs = DeviceInputs::new(&device, &host);
     let mut scratch =
         PermuteScratch::with_cuda_device(config(&case, device.device()), device.clone()).unwrap();
     let out_len = case.tokens * case.hidden * 2;
-    let mut d_out = upload(&stream, &vec![POISON; out_len]);
+    let mut d_out = upload(&device, &vec![POISON; out_len]);
 
-    // Record the whole layer's shuffle: permute, identity experts, unpermute.
-    let record = |scratch: &mut PermuteScratch,
-                  inputs: &DeviceInputs,
-                  d_out: &mut CudaSlice<u8>| {
-        let input = inputs.permute_input(&case, &host);
-        let out = cuda::permute(scratch, &input).unwrap();
-        let combine = DeviceUnpermuteInput {
-            permuted_hidden_states: out.permuted_hidden_states,
-            inv_permuted_idx: out.inv_permuted_idx,
-            expert_first_token_offset: out.expert_first_token_offset,
-            topk_weights: view(&inputs.weights, case.tokens * case.topk),
-            topk: case.topk,
-        };
-        let dest = DeviceRowsMut::from_bytes(prefix_mut(d_out, out_len), DType::BF16, case.hidden)
-            .unwrap();
-        cuda::unpermute_into(&device, &combine, dest).unwrap();
-    };
-    record(&mut scratch, &inputs, &mut d_out); // warm-up outside the capture
-    stream.synchronize().unwrap();
-    stream
-        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    layer(
+        &mut scratch,
+        &warm_stream,
+        &case,
+        &host,
+        &inputs,
+        &mut d_out,
+    )
+    .unwrap();
+    assert!(within_one_ulp(
+        DType::BF16,
+        &d_out.view().to_host(&warm_stream).unwrap(),
+        &layer_on_cpu(&case, &host)
+    ));
+    // The scratch is bound to the warm-up stream: the side stream is refused...
+    let refused = layer(
+        &mut scratch,
+        &side_stream,
+        &case,
+        &host,
+        &inputs,
+        &mut d_out,
+    );
+    assert!(
+        matches!(
+            refused,
+            Err(MoeError::Scratch(
+                moe_runtime::ScratchMismatch::Stream { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    // ...until it is moved there.
+    scratch.switch_stream(&warm_stream, &side_stream).unwrap();
+    side.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
         .unwrap();
-    record(&mut scratch, &inputs, &mut d_out);
-    let graph = stream
+    layer(
+        &mut scratch,
+        &side_stream,
+        &case,
+        &host,
+        &inputs,
+        &mut d_out,
+    )
+    .unwrap();
+    let graph = side
         .end_capture(sys::CUgraphInstantiate_flags(0))
         .unwrap()
         .expect("the capture recorded the calls");
@@ -621,41 +639,222 @@ fn a_captured_graph_replays_permute_and_unpermute_on_new_inputs() {
     for round in 0..3u64 {
         // New inputs in the same device buffers, a poisoned output, then a replay.
         host = inputs_for_round(&case, round);
-        let ids32: Vec<i32> = host.ids.iter().map(|&id| id as i32).collect();
-        stream
-            .memcpy_htod(&host.hidden, &mut inputs.hidden)
-            .unwrap();
-        stream.memcpy_htod(&ids32, &mut inputs.ids32).unwrap();
-        stream
-            .memcpy_htod(host.map.as_deref().unwrap(), &mut inputs.map)
-            .unwrap();
-        stream
-            .memcpy_htod(&host.scales, &mut inputs.scales)
-            .unwrap();
-        stream
-            .memcpy_htod(&host.weights, &mut inputs.weights)
-            .unwrap();
-        stream
-            .memcpy_htod(&vec![POISON; out_len], &mut d_out)
+        inputs.refill(&side_stream, &host);
+        d_out
+            .copy_from_host(&side_stream, &vec![POISON; out_len])
             .unwrap();
         graph.launch().unwrap();
-        stream.synchronize().unwrap();
-
-        let want = expected(&case, &host);
-        let valid = *want.offsets.last().unwrap() as usize;
-        let permuted = &want.rows;
-        let cpu_out = host_unpermute(&case, &host, permuted, (&want.inv, &want.offsets));
-        let got = view(&d_out, out_len).to_host(&stream).unwrap();
+        side_stream.synchronize().unwrap();
+        let got = d_out.view().to_host(&side_stream).unwrap();
         assert!(
-            within_one_ulp(DType::BF16, &got, &cpu_out),
+            within_one_ulp(DType::BF16, &got, &layer_on_cpu(&case, &host)),
             "replay {round}"
         );
         // The routing the replay wrote is the new inputs' (checked through a direct call).
-        let out = cuda::permute(&mut scratch, &inputs.permute_input(&case, &host)).unwrap();
-        let idx = out.permuted_idx.to_host(&stream).unwrap();
+        let want = expected(&case, &host);
+        let out = cuda::permute(
+            &mut scratch,
+            &side_stream,
+            &inputs.permute_input(&case, &host),
+        )
+        .unwrap();
+        let idx = out.permuted_idx.to_host(&side_stream).unwrap();
         assert_eq!(idx, want.permuted_idx, "replay {round} routing");
-        assert!(valid > 0);
+        assert!(*want.offsets.last().unwrap() > 0);
     }
+    scratch.check_status(&side_stream).unwrap();
+}
+
+#[test]
+fn one_scratch_serves_two_streams_ordered_by_the_callers_events() {
+    let Some((device, _)) = gpu() else { return };
+    let (a, b) = (device.new_stream().unwrap(), device.new_stream().unwrap());
+    let (stream_a, stream_b) = (device.stream(&a).unwrap(), device.stream(&b).unwrap());
+    let case = layer_case();
+    let mut scratch =
+        PermuteScratch::with_cuda_device(config(&case, device.device()), device.clone()).unwrap();
+    let out_len = case.tokens * case.hidden * 2;
+    // Layers alternate between the streams, each with its own inputs and output; the
+    // caller orders each hand-over with an event of its own, as a serving stack that
+    // overlaps two micro-batches does.
+    let rounds: Vec<(HostInputs, DeviceInputs)> = (0..6)
+        .map(|round| {
+            let host = inputs_for_round(&case, 100 + round);
+            let device_inputs = DeviceInputs::new(&device, &host);
+            (host, device_inputs)
+        })
+        .collect();
+    let mut outs: Vec<DeviceBuffer<u8>> = (0..6)
+        .map(|_| upload(&device, &vec![POISON; out_len]))
+        .collect();
+    for (round, ((host, inputs), out)) in rounds.iter().zip(&mut outs).enumerate() {
+        let (stream, cu) = if round % 2 == 0 {
+            (&stream_a, &a)
+        } else {
+            (&stream_b, &b)
+        };
+        if round > 0 {
+            let previous = if round % 2 == 0 { &b } else { &a };
+            let event = previous.record_event(None).unwrap();
+            cu.wait(&event).unwrap();
+            // SAFETY: the new stream waits for everything the previous one queued
+            // (the event just recorded there), and both streams outlive the scratch.
+            unsafe { scratch.assume_stream(stream).unwrap() };
+        }
+        layer(&mut scratch, stream, &case, host, inputs, out).unwrap();
+    }
+    for (round, ((host, _), out)) in rounds.iter().zip(&outs).enumerate() {
+        let stream = if round % 2 == 0 { &stream_a } else { &stream_b };
+        let got = out.view().to_host(stream).unwrap();
+        assert!(
+            within_one_ulp(DType::BF16, &got, &layer_on_cpu(&case, host)),
+            "round {round}"
+        );
+    }
+    scratch.check_status(&stream_b).unwrap();
+}
+
+#[test]
+fn a_scratch_in_caller_memory_gives_what_an_owning_scratch_gives() {
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
+    let case = layer_case();
+    let config = config(&case, device.device());
+    let layout = PermuteScratch::cuda_memory_layout(&config).unwrap();
+    assert_eq!(layout.alignment, cuda::SCRATCH_ALIGNMENT);
+    // The caller's allocator: a cudarc slice on the call's stream, a little larger.
+    let mut memory = cu_stream.alloc_zeros::<u8>(layout.bytes + 4096).unwrap();
+    let address = DeviceView::new(&memory).address();
+    assert_eq!(address % layout.alignment as u64, 0);
+
+    // Too small, or misaligned: refused before anything is touched.
+    // SAFETY: the region lies in `memory`, which outlives every scratch over it, is
+    // used by nothing else, and whose zeroing was queued on the same stream.
+    let small = unsafe {
+        PermuteScratch::in_cuda_memory(
+            config.clone(),
+            device.clone(),
+            address,
+            layout.bytes - 1,
+            &stream,
+        )
+    };
+    assert!(
+        matches!(
+            small,
+            Err(MoeError::Shape {
+                tensor: "scratch memory",
+                ..
+            })
+        ),
+        "{small:?}"
+    );
+    // SAFETY: as above.
+    let misaligned = unsafe {
+        PermuteScratch::in_cuda_memory(
+            config.clone(),
+            device.clone(),
+            address + 16,
+            layout.bytes,
+            &stream,
+        )
+    };
+    assert!(
+        matches!(misaligned, Err(MoeError::MemoryAlignment { .. })),
+        "{misaligned:?}"
+    );
+
+    let host = inputs(&case);
+    let inputs = DeviceInputs::new(&device, &host);
+    let out_len = case.tokens * case.hidden * 2;
+    let mut d_out = upload(&device, &vec![POISON; out_len]);
+    {
+        // SAFETY: as above.
+        let mut scratch = unsafe {
+            PermuteScratch::in_cuda_memory(
+                config.clone(),
+                device.clone(),
+                address,
+                layout.bytes,
+                &stream,
+            )
+        }
+        .unwrap();
+        assert_eq!(scratch.bound_stream(), Some(stream.id()));
+        layer(&mut scratch, &stream, &case, &host, &inputs, &mut d_out).unwrap();
+        let out =
+            cuda::permute(&mut scratch, &stream, &inputs.permute_input(&case, &host)).unwrap();
+        // The scratch's buffers are carved from the caller's region.
+        let rows = out.permuted_hidden_states.bytes().address();
+        assert!(rows >= address && rows < address + layout.bytes as u64);
+        assert_eq!(
+            out.permuted_idx.to_host(&stream).unwrap(),
+            expected(&case, &host).permuted_idx
+        );
+        scratch.check_status(&stream).unwrap();
+    }
+    let got = d_out.view().to_host(&stream).unwrap();
+    assert!(within_one_ulp(
+        DType::BF16,
+        &got,
+        &layer_on_cpu(&case, &host)
+    ));
+    // The region is still the caller's: writable through its own slice.
+    cu_stream.memset_zeros(&mut memory).unwrap();
+}
+
+#[test]
+fn views_are_refused_on_a_stream_they_are_not_bound_to() {
+    let Some((device, a)) = gpu() else { return };
+    let b = device.new_stream().unwrap();
+    let (stream_a, stream_b) = (device.stream(&a).unwrap(), device.stream(&b).unwrap());
+    let case = layer_case();
+    let host = inputs(&case);
+    // cudarc slices of stream `a`: their views are bound to it.
+    let hidden = a.clone_htod(&host.hidden).unwrap();
+    let ids: Vec<i32> = host.ids.iter().map(|&id| id as i32).collect();
+    let ids = a.clone_htod(&ids).unwrap();
+    let map = a.clone_htod(host.map.as_deref().unwrap()).unwrap();
+    let input = DevicePermuteInput::new(
+        DeviceRows::from_bytes(DeviceView::new(&hidden), case.dtype, case.hidden).unwrap(),
+        DeviceTopkIds::new(DeviceExpertIds::I32(DeviceView::new(&ids)), case.topk).unwrap(),
+    )
+    .with_expert_map(DeviceView::new(&map));
+    let config = ScratchConfig::new(
+        case.tokens,
+        case.topk,
+        case.experts,
+        case.local,
+        device.device(),
+    )
+    .with_rows(case.hidden, case.dtype);
+    let mut scratch = PermuteScratch::with_cuda_device(config.clone(), device.clone()).unwrap();
+    let refused = cuda::permute(&mut scratch, &stream_b, &input);
+    assert!(
+        matches!(
+            refused,
+            Err(MoeError::StreamMismatch {
+                tensor: "hidden_states",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    // On their own stream they are used, and the outputs are bound to it.
+    let mut scratch = PermuteScratch::with_cuda_device(config, device.clone()).unwrap();
+    let out = cuda::permute(&mut scratch, &stream_a, &input).unwrap();
+    assert_eq!(out.permuted_idx.stream(), Some(stream_a.id()));
+    assert!(matches!(
+        out.permuted_idx.to_host(&stream_b),
+        Err(MoeError::StreamMismatch { .. })
+    ));
+    let want = expected(&case, &host);
+    assert_eq!(
+        out.permuted_idx.to_host(&stream_a).unwrap(),
+        want.permuted_idx
+    );
 }
 
 fn inputs_for_round(case: &Case, round: u64) -> HostInputs {
@@ -668,7 +867,7 @@ fn inputs_for_round(case: &Case, round: u64) -> HostInputs {
 #[test]
 fn without_a_gpu_the_error_is_clear_and_the_cpu_is_chosen() {
     let (device, reason) = Device::best_available();
-    match CudaDevice::new(0) {
+    match cuda::CudaDevice::new(0) {
         Ok(_) => assert_eq!((device, reason.is_none()), (Device::Cuda(0), true)),
         Err(error) => {
             assert!(

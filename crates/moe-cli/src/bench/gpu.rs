@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, sys};
+use cudarc::driver::{CudaGraph, CudaStream, sys};
 use half::bf16;
 use moe_experts::{CudaMoeBlock, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace};
 use moe_runtime::cuda::{
-    self, CudaDevice, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceRowsMut,
-    DeviceTopkIds, DeviceUnpermuteInput, DeviceView, DeviceViewMut,
+    self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceRowsMut,
+    DeviceTopkIds, DeviceUnpermuteInput, StatusBuffer,
 };
 use moe_runtime::{DType, PermuteScratch, ScratchConfig};
 
@@ -84,16 +84,16 @@ fn copy_bandwidth(stream: &Arc<CudaStream>) -> anyhow::Result<f64> {
 
 /// One input set on the device.
 struct DeviceSet {
-    hidden: CudaSlice<bf16>,
-    ids: CudaSlice<i32>,
-    weights: CudaSlice<f32>,
+    hidden: DeviceBuffer<bf16>,
+    ids: DeviceBuffer<i32>,
+    weights: DeviceBuffer<f32>,
 }
 
 impl DeviceSet {
     fn input(&self, shape: &Shape) -> anyhow::Result<DevicePermuteInput<'_>> {
         Ok(DevicePermuteInput::new(
-            DeviceRows::new(DeviceView::new(&self.hidden), shape.hidden)?,
-            DeviceTopkIds::new(DeviceExpertIds::I32(DeviceView::new(&self.ids)), shape.topk)?,
+            DeviceRows::new(self.hidden.view(), shape.hidden)?,
+            DeviceTopkIds::new(DeviceExpertIds::I32(self.ids.view()), shape.topk)?,
         ))
     }
 }
@@ -105,7 +105,10 @@ pub(crate) fn run(
     block_tokens: &[usize],
 ) -> anyhow::Result<Report> {
     let device = CudaDevice::new(ordinal)?;
-    let stream = device.stream().clone();
+    // Timing and graph capture use cudarc on this stream; the calls under test get it
+    // as their per-call stream.
+    let stream = device.new_stream()?;
+    let call_stream = device.stream(&stream)?;
     let card = device.name()?;
     let l2 = stream
         .context()
@@ -131,9 +134,9 @@ pub(crate) fn run(
                 .map(|s| {
                     let x = inputs(shape, n, (n * 1000 + s) as u64);
                     Ok(DeviceSet {
-                        hidden: stream.clone_htod(&x.hidden)?,
-                        ids: stream.clone_htod(&x.ids)?,
-                        weights: stream.clone_htod(&x.weights)?,
+                        hidden: DeviceBuffer::from_host(&device, &x.hidden)?,
+                        ids: DeviceBuffer::from_host(&device, &x.ids)?,
+                        weights: DeviceBuffer::from_host(&device, &x.weights)?,
                     })
                 })
                 .collect::<anyhow::Result<_>>()?;
@@ -142,12 +145,13 @@ pub(crate) fn run(
                     .with_rows(shape.hidden, DType::BF16);
             let mut scratch = PermuteScratch::with_cuda_device(config, device.clone())?;
             let (scratch_graph, scratch_eager) = time_calls(&stream, sets, |s| {
-                cuda::permute(&mut scratch, &device_sets[s].input(shape)?)?;
+                cuda::permute(&mut scratch, &call_stream, &device_sets[s].input(shape)?)?;
                 Ok(())
             })?;
             let (alloc_graph, alloc_eager) = time_calls(&stream, sets, |s| {
                 cuda::allocating::permute(
                     &device,
+                    &call_stream,
                     &device_sets[s].input(shape)?,
                     shape.experts,
                     shape.experts,
@@ -166,20 +170,22 @@ pub(crate) fn run(
             );
 
             progress.next(format_args!("{} N={n} unpermute", shape.name));
-            let routed: Vec<cuda::allocating::Permuted> = device_sets
+            let routed: Vec<cuda::allocating::Permuted<'_>> = device_sets
                 .iter()
                 .map(|set| {
                     Ok(cuda::allocating::permute(
                         &device,
+                        &call_stream,
                         &set.input(shape)?,
                         shape.experts,
                         shape.experts,
                     )?)
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let mut outs: Vec<CudaSlice<bf16>> = (0..sets)
-                .map(|_| Ok(stream.alloc_zeros::<bf16>(n * shape.hidden)?))
+            let mut outs: Vec<DeviceBuffer<bf16>> = (0..sets)
+                .map(|_| Ok(DeviceBuffer::zeros(&device, n * shape.hidden)?))
                 .collect::<anyhow::Result<_>>()?;
+            let status = StatusBuffer::new(&device)?;
             let combines: Vec<DeviceUnpermuteInput<'_>> = routed
                 .iter()
                 .zip(&device_sets)
@@ -189,17 +195,18 @@ pub(crate) fn run(
                         permuted_hidden_states: out.permuted_hidden_states,
                         inv_permuted_idx: out.inv_permuted_idx,
                         expert_first_token_offset: out.expert_first_token_offset,
-                        topk_weights: DeviceView::new(&set.weights),
+                        topk_weights: set.weights.view(),
                         topk: shape.topk,
+                        status: status.view(),
                     })
                 })
                 .collect::<anyhow::Result<_>>()?;
             let (scratch_graph, scratch_eager) = time_calls(&stream, sets, |s| {
-                let out = DeviceRowsMut::new(DeviceViewMut::new(&mut outs[s]), shape.hidden)?;
-                Ok(cuda::unpermute_into(&device, &combines[s], out)?)
+                let out = DeviceRowsMut::new(outs[s].view_mut(), shape.hidden)?;
+                Ok(cuda::unpermute_into(&call_stream, &combines[s], out)?)
             })?;
             let (alloc_graph, alloc_eager) = time_calls(&stream, sets, |s| {
-                cuda::allocating::unpermute::<bf16>(&device, &combines[s])?;
+                cuda::allocating::unpermute::<bf16>(&call_stream, &combines[s])?;
                 Ok(())
             })?;
             rows.push(
@@ -238,7 +245,7 @@ pub(crate) fn run(
         for &n in block_tokens {
             progress.next(format_args!("{} N={n} block", shape.name));
             let x = inputs(shape, n, 77 + n as u64);
-            let hidden = stream.clone_htod(&x.hidden)?;
+            let hidden = DeviceBuffer::from_host(&device, &x.hidden)?;
             let mut time_block = |fresh: bool| -> anyhow::Result<f64> {
                 let mut samples = Vec::new();
                 for round in 0..8 {
@@ -249,7 +256,7 @@ pub(crate) fn run(
                     }
                     stream.synchronize()?;
                     let start = Instant::now();
-                    block.forward_device(DeviceView::new(&hidden))?;
+                    block.forward_device(&call_stream, hidden.view())?;
                     stream.synchronize()?;
                     if round > 0 {
                         samples.push(start.elapsed().as_secs_f64() * 1e6);

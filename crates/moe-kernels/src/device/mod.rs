@@ -8,6 +8,7 @@ mod block;
 mod intrinsics;
 mod route;
 mod rows;
+mod status;
 
 use crate::params::{PermuteRowsParams, RouteParams, RouterParams, SiluMulParams, UnpermuteParams};
 use rows::{BF16, F16, F32, V16};

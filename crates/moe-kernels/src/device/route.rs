@@ -73,7 +73,8 @@ impl ExpertId for i64 {
 }
 
 /// The local expert of entry `f`, or `L` when the entry is dropped. A map entry
-/// outside `-1..L` (a malformed map) drops the entry: never an out-of-range group.
+/// outside `-1..L` (a malformed map, reported by [`check_expert_map`]) drops the
+/// entry: never an out-of-range group.
 ///
 /// # Safety
 /// `f < N*K`; `topk_ids` holds `N*K` ids and `expert_map`, when not 0, `E` entries.
@@ -95,6 +96,33 @@ unsafe fn local_expert<I: ExpertId>(p: &RouteParams, f: u32) -> u32 {
         mapped as u32
     } else {
         local
+    }
+}
+
+/// Reports the malformed entries of `expert_map` (outside `-1..L`) into the call's
+/// status block: the whole map, as the CPU checks it, whichever ids the call holds.
+/// Run by the one block of a call's single-block kernel (`route_place` alone, or
+/// `route_scan`); every thread takes a stride of the map.
+///
+/// # Safety
+/// `expert_map`, when not 0, holds `E` entries; `status` is a status block.
+#[inline(always)]
+unsafe fn check_expert_map(p: &RouteParams) {
+    if p.expert_map == 0 {
+        return;
+    }
+    let local = p.dims.num_local_experts as i32;
+    let map = p.expert_map as *const i32;
+    let mut index = thread();
+    while index < p.dims.num_experts {
+        // SAFETY: `index < E`, the map's length; the status block as guaranteed.
+        unsafe {
+            let value = *map.add(index as usize);
+            if value < -1 || value >= local {
+                super::status::map_entry(p.status, p.call, index, value, local as u32);
+            }
+        }
+        index += ROUTE_THREADS;
     }
 }
 
@@ -258,8 +286,9 @@ pub(crate) unsafe fn route_scan(p: &RouteParams, align: bool) {
     let offsets = p.expert_offsets as *mut i64;
     let first_rows = expert_words();
     // SAFETY: `chunk_counts` is `[num_chunks, L]`, `expert_offsets` `[L + 1]`, shared
-    // memory has a word per expert.
+    // memory has a word per expert; the map and status block as the host sized them.
     unsafe {
+        check_expert_map(p);
         let mut expert = thread();
         while expert < local {
             let mut running = 0;
@@ -332,6 +361,9 @@ pub(crate) unsafe fn route_place<I: ExpertId, const ALIGN: bool>(p: &RouteParams
             (f, expert)
         };
 
+        if single {
+            check_expert_map(p);
+        }
         let mut expert = lane();
         while expert < local {
             *counts.add(expert as usize) = 0;

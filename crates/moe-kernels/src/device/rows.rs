@@ -24,15 +24,14 @@ const LOADS_IN_FLIGHT: usize = 1;
 #[derive(Clone, Copy, Default)]
 pub(crate) struct V16(pub(crate) [u32; 4]);
 
-/// The valid row count `expert_offsets[n - 1]`, clamped to `0..=limit`.
+/// The valid row count `expert_offsets[n - 1]`, as stored.
 ///
 /// # Safety
 /// `offsets` points to `n >= 1` i64.
 #[inline(always)]
-unsafe fn valid_rows(offsets: u64, n: u32, limit: u32) -> u32 {
+unsafe fn valid_count(offsets: u64, n: u32) -> i64 {
     // SAFETY: the caller guarantees `n >= 1` elements.
-    let valid = unsafe { *(offsets as *const i64).add(n as usize - 1) };
-    valid.clamp(0, limit as i64) as u32
+    unsafe { *(offsets as *const i64).add(n as usize - 1) }
 }
 
 /// Copies this block's share of source row `t` to rows `inv[t*K + k]` that are valid,
@@ -55,7 +54,9 @@ pub(crate) unsafe fn permute_rows<V: Copy + Default>(p: &PermuteRowsParams) {
     // SAFETY: `token < N`, `k < K`, vectors within the row, rows below the valid count
     // which is clamped to the `N*K` rows of the destination.
     unsafe {
-        let valid = valid_rows(p.expert_offsets, p.dims.num_local_experts + 1, entries);
+        // Written by this call's routing, so within `0..=N*K`; clamped all the same.
+        let valid = valid_count(p.expert_offsets, p.dims.num_local_experts + 1)
+            .clamp(0, entries as i64) as u32;
         let inv = (p.inv_permuted_idx as *const i32).add((token * topk) as usize);
         let src = (p.hidden_states as *const u8).add(token as usize * row_bytes) as *const V;
         let mut first = (block() % parts) * ROW_THREADS_U * UNROLL as u32 + thread();
@@ -198,6 +199,11 @@ unsafe fn store<T: Copy, const N: usize, const VEC: bool>(ptr: *mut T, value: [T
 /// elements of token `t`: f32 accumulation in ascending `k` (a multiply and an add,
 /// each rounded, as on the CPU), one rounding to `T`, one write per element.
 ///
+/// Bad input the host could not see is reported to the call's status block, as the
+/// CPU reports it: a valid count outside `0..=rows` (block 0), a negative row index
+/// (the token's first block). The sum itself stays in bounds whatever the input: the
+/// count is clamped to the rows given and a negative index counts as dropped.
+///
 /// # Safety
 /// Launched with `tokens * blocks_per_row(H / N, UNPERMUTE_VECTORS_PER_THREAD, tokens)`
 /// blocks of `ROW_THREADS`; `N` divides `H`; 16-byte alignment of every row when
@@ -212,8 +218,25 @@ pub(crate) unsafe fn unpermute<T: Float, const N: usize, const VEC: bool>(p: &Un
     // SAFETY: `token < N`, `k < K`, rows below the valid count clamped to the rows
     // given, elements within the row.
     unsafe {
-        let valid = valid_rows(p.expert_offsets, p.num_offsets, p.num_rows);
+        let stored = valid_count(p.expert_offsets, p.num_offsets);
+        if stored < 0 || stored > p.num_rows as i64 {
+            if block() == 0 && thread() == 0 {
+                let position = p.num_offsets - 1;
+                super::status::valid_count(p.status, p.call, position, stored, p.num_rows);
+            }
+        }
+        let valid = stored.clamp(0, p.num_rows as i64) as u32;
         let inv = (p.inv_permuted_idx as *const i32).add(token as usize * topk);
+        if block() % parts == 0 {
+            let mut k = thread();
+            while k < p.topk {
+                let row = *inv.add(k as usize);
+                if row < 0 {
+                    super::status::inv_entry(p.status, p.call, token * p.topk + k, row);
+                }
+                k += ROW_THREADS_U;
+            }
+        }
         let weights = (p.topk_weights as *const f32).add(token as usize * topk);
         let permuted = p.permuted_hidden_states as *const T;
         let mut v = (block() % parts) * ROW_THREADS_U + thread();

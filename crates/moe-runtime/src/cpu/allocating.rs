@@ -52,8 +52,9 @@ pub fn permute(
 
 /// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` output.
 pub fn unpermute<T: Accumulate>(input: &UnpermuteInput<'_, T>) -> Result<Vec<T>> {
-    let (num_tokens, _) = input.check()?;
-    let mut out = vec![T::from_f32(0.0); num_tokens * input.hidden_size];
+    // The output's length is what the shapes imply; checked again by the call.
+    let tokens = input.inv_permuted_idx.len() / input.topk.max(1);
+    let mut out = vec![T::from_f32(0.0); tokens.saturating_mul(input.hidden_size)];
     unpermute_into(input, &mut out)?;
     Ok(out)
 }

@@ -2,7 +2,8 @@
 
 use rayon::prelude::*;
 
-use crate::{Accumulate, MoeError, Result};
+use crate::unpermute_check::{self, UnpermuteShape};
+use crate::{Accumulate, Result};
 
 /// Output bytes (one row and the `K` rows it sums) a parallel task handles at least.
 const TASK_BYTES: usize = 64 * 1024;
@@ -29,56 +30,30 @@ pub struct UnpermuteInput<'a, T> {
 }
 
 impl<T> UnpermuteInput<'_, T> {
-    /// Checks every shape and index against the others; returns `(N, valid rows)`.
-    pub(super) fn check(&self) -> Result<(usize, usize)> {
-        let hidden_size = self.hidden_size;
-        if hidden_size == 0 || self.permuted_hidden_states.len() % hidden_size != 0 {
-            return Err(MoeError::Shape {
-                tensor: "permuted_hidden_states",
-                len: self.permuted_hidden_states.len(),
-                expected: format!("whole rows of hidden_size {hidden_size} (at least 1)"),
-            });
+    /// Checks every shape against the others (the checks every device shares), then
+    /// the values: the valid count within the rows given, no negative row index.
+    /// Returns `(N, valid rows)`.
+    pub(super) fn check(&self, out_len: usize) -> Result<(usize, usize)> {
+        let dims = UnpermuteShape {
+            permuted_len: self.permuted_hidden_states.len(),
+            hidden_size: self.hidden_size,
+            inv_len: self.inv_permuted_idx.len(),
+            topk: self.topk,
+            weights_len: self.topk_weights.len(),
+            offsets_len: self.expert_first_token_offset.len(),
+            out_len,
         }
-        if self.topk == 0 || self.inv_permuted_idx.len() % self.topk != 0 {
-            return Err(MoeError::Shape {
-                tensor: "inv_permuted_idx",
-                len: self.inv_permuted_idx.len(),
-                expected: format!("whole tokens of topk {} (at least 1)", self.topk),
-            });
-        }
-        let entries = self.inv_permuted_idx.len();
-        if self.topk_weights.len() != entries {
-            return Err(MoeError::Shape {
-                tensor: "topk_weights",
-                len: self.topk_weights.len(),
-                expected: format!("N*K = {entries}, like inv_permuted_idx"),
-            });
-        }
-        let rows = self.permuted_hidden_states.len() / hidden_size;
-        let Some(&valid) = self.expert_first_token_offset.last() else {
-            return Err(MoeError::Shape {
-                tensor: "expert_first_token_offset",
-                len: 0,
-                expected: "L + 1 >= 2 offsets".into(),
-            });
-        };
-        if valid < 0 || valid as u64 > rows as u64 {
-            return Err(MoeError::IndexOutOfRange {
-                tensor: "expert_first_token_offset",
-                position: self.expert_first_token_offset.len() - 1,
-                value: valid,
-                bound: format!("the valid count must be in 0..={rows}, the rows given"),
-            });
+        .check()?;
+        let position = self.expert_first_token_offset.len() - 1;
+        let valid = self.expert_first_token_offset[position];
+        if valid < 0 || valid as u64 > dims.rows as u64 {
+            return Err(unpermute_check::valid_count_error(position, valid, dims.rows));
         }
         if let Some(position) = self.inv_permuted_idx.iter().position(|&row| row < 0) {
-            return Err(MoeError::IndexOutOfRange {
-                tensor: "inv_permuted_idx",
-                position,
-                value: self.inv_permuted_idx[position].into(),
-                bound: "rows are never negative".into(),
-            });
+            let value = self.inv_permuted_idx[position];
+            return Err(unpermute_check::negative_row_error(position, value));
         }
-        Ok((entries / self.topk, valid as usize))
+        Ok((dims.num_tokens, valid as usize))
     }
 }
 
@@ -86,15 +61,8 @@ impl<T> UnpermuteInput<'_, T> {
 /// accumulated in f32 in ascending `k` and rounded once to `T` (nearest even).
 /// A token whose entries were all dropped gets zeros. Allocates nothing.
 pub fn unpermute_into<T: Accumulate>(input: &UnpermuteInput<'_, T>, out: &mut [T]) -> Result<()> {
-    let (num_tokens, valid) = input.check()?;
+    let (num_tokens, valid) = input.check(out.len())?;
     let hidden_size = input.hidden_size;
-    if out.len() != num_tokens * hidden_size {
-        return Err(MoeError::Shape {
-            tensor: "output",
-            len: out.len(),
-            expected: format!("N*H = {num_tokens}*{hidden_size}"),
-        });
-    }
     if num_tokens == 0 {
         return Ok(());
     }

@@ -1,45 +1,70 @@
 //! The allocating "before" of the scratch on a CUDA device: permute and unpermute
-//! with device buffers made for one call. Kept for the benchmarks' comparison; every
-//! serving path uses the scratch and allocates nothing.
+//! with device buffers made for one call (stream-ordered `cuMemAllocAsync`, as
+//! PyTorch's and vLLM's per-call tensors are), freed on the same stream when the
+//! result is dropped. Kept for the benchmarks' comparison; every serving path uses
+//! the scratch and allocates nothing.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::DeviceRepr;
 
-use super::device::{CudaDevice, driver_error};
-use super::memory::{DeviceRowsMut, DeviceView, DeviceViewMut};
-use super::permute::{DevicePermuteInput, DevicePermuteOutput, views};
+use super::device::{CudaDevice, Stream};
+use super::memory::{Binding, DeviceRowsMut, DeviceView, DeviceViewMut};
+use super::owned::DeviceMemory;
+use super::permute::{DevicePermuteInput, DevicePermuteOutput, outputs};
 use super::unpermute::{DeviceUnpermuteInput, unpermute_into};
-use crate::{Accumulate, PermuteScratch, Result, RowSpec, ScratchConfig};
+use crate::{Accumulate, MoeError, PermuteScratch, Result, RowSpec, ScratchConfig};
 
-/// A permute with device buffers allocated for this call alone: the "before" of the
-/// scratch, kept for comparison.
+/// The result of [`permute`]: a scratch sized for one call, holding its outputs, its
+/// memory freed on the call's stream (which it borrows, `'a`) when dropped.
 #[derive(Debug)]
-pub struct Permuted {
+pub struct Permuted<'a> {
     scratch: PermuteScratch,
     spec: RowSpec,
+    binding: Binding,
+    _stream: PhantomData<&'a ()>,
 }
 
-impl Permuted {
+impl Permuted<'_> {
+    /// The permute's outputs, as [`super::permute`] returns them.
     pub fn output(&self) -> Result<DevicePermuteOutput<'_>> {
-        let spec = self.spec;
-        let (config, buffers) = self.scratch.cuda_buffers()?;
+        let (config, buffers) = self.scratch.cuda_buffers(self.scratch.device())?;
         let entries = config.max_entries();
-        let rows = DeviceView::new(&buffers.permuted_rows).prefix(entries * spec.row_bytes());
-        let scales = (spec.scale_columns > 0).then(|| {
-            DeviceView::new(&buffers.permuted_scales).prefix(entries * spec.scale_columns)
+        let ordinal = buffers.device.ordinal();
+        let rows = DeviceView::from_parts(
+            buffers.address(|c| c.permuted_rows),
+            entries * self.spec.row_bytes(),
+            ordinal,
+            self.binding,
+        );
+        let scales = (self.spec.scale_columns > 0).then(|| {
+            DeviceView::from_parts(
+                buffers.address(|c| c.permuted_scales),
+                entries * self.spec.scale_columns,
+                ordinal,
+                self.binding,
+            )
         });
-        Ok(views(buffers, config, spec, rows, scales))
+        Ok(outputs(
+            config,
+            buffers,
+            self.binding,
+            self.spec,
+            rows,
+            scales,
+        ))
     }
 }
 
-/// Allocates a scratch sized for this call on `device`, then permutes with it.
-pub fn permute(
+/// Allocates a scratch sized for this call on `stream`, then permutes with it.
+pub fn permute<'a>(
     device: &Arc<CudaDevice>,
+    stream: &Stream<'a>,
     input: &DevicePermuteInput<'_>,
     num_experts: usize,
     num_local_experts: usize,
-) -> Result<Permuted> {
+) -> Result<Permuted<'a>> {
     let spec = input.row_spec();
     let config = ScratchConfig::new(
         input.topk_ids.num_tokens(),
@@ -50,36 +75,66 @@ pub fn permute(
     )
     .with_rows(spec.hidden_size, spec.dtype)
     .with_scale_columns(spec.scale_columns);
-    let mut scratch = PermuteScratch::with_cuda_device(config, device.clone())?;
-    super::permute(&mut scratch, input)?;
-    Ok(Permuted { scratch, spec })
+    // SAFETY: the scratch lives in the returned value, which borrows the stream for
+    // 'a: the stream outlives the free queued on it when the scratch is dropped.
+    let mut scratch = unsafe { PermuteScratch::on_stream(config, device.clone(), stream)? };
+    super::permute(&mut scratch, stream, input)?;
+    Ok(Permuted {
+        scratch,
+        spec,
+        binding: Binding::stream(stream.id()),
+        _stream: PhantomData,
+    })
 }
 
-/// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` device output (the allocating
-/// "before").
-pub fn unpermute<T: Accumulate + DeviceRepr + ValidAsZeroBits>(
-    device: &CudaDevice,
+/// Device memory of `len` elements of `T` allocated for one call on a stream
+/// (borrowed, `'a`), freed on it when dropped.
+#[derive(Debug)]
+pub struct Buffer<'a, T> {
+    memory: DeviceMemory,
+    len: usize,
+    ordinal: usize,
+    binding: Binding,
+    _stream: PhantomData<&'a [T]>,
+}
+
+impl<T: DeviceRepr> Buffer<'_, T> {
+    /// The buffer, on its stream.
+    pub fn view(&self) -> DeviceView<'_, T> {
+        DeviceView::from_parts(self.memory.address(), self.len, self.ordinal, self.binding)
+    }
+}
+
+/// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` output.
+pub fn unpermute<'a, T: Accumulate + DeviceRepr>(
+    stream: &Stream<'a>,
     input: &DeviceUnpermuteInput<'_>,
-) -> Result<CudaSlice<T>> {
+) -> Result<Buffer<'a, T>> {
     let tokens = input.inv_permuted_idx.len() / input.topk.max(1);
-    let len = tokens * input.permuted_hidden_states.hidden_size();
-    let stream = device.stream();
-    let out = if len == 0 {
-        // An empty output still needs a valid address: one element, zeroed.
-        stream.alloc_zeros::<T>(1)
-    } else {
-        // SAFETY: `unpermute_into` writes every element before this returns the buffer
-        // (a validation failure returns the error, not the buffer).
-        unsafe { stream.alloc::<T>(len) }
-    };
-    let mut out = out.map_err(driver_error("allocate the unpermute output"))?;
-    let view = DeviceViewMut::new(&mut out);
-    // SAFETY: the first `len` elements of the allocation just made.
-    let view = unsafe { DeviceViewMut::from_raw(view.address(), len, device.ordinal()) };
-    unpermute_into(
-        device,
-        input,
-        DeviceRowsMut::new::<T>(view, input.permuted_hidden_states.hidden_size())?,
-    )?;
-    Ok(out)
+    let hidden = input.permuted_hidden_states.hidden_size();
+    let len = tokens.checked_mul(hidden).ok_or(MoeError::Shape {
+        tensor: "output",
+        len: tokens,
+        expected: format!("N*H = {tokens}*{hidden} elements within usize"),
+    })?;
+    let bytes = len
+        .checked_mul(size_of::<T>())
+        .ok_or(MoeError::OutOfMemory {
+            buffer: "unpermute output",
+            bytes: len as u128 * size_of::<T>() as u128,
+        })?;
+    // SAFETY: the buffer borrows the stream for 'a, so the stream outlives the free
+    // queued on it when the buffer is dropped.
+    let memory = unsafe { DeviceMemory::allocate_on(stream, "unpermute output", bytes)? };
+    let binding = Binding::stream(stream.id());
+    let ordinal = stream.device().ordinal();
+    let out = DeviceViewMut::from_parts(memory.address(), len, ordinal, binding);
+    unpermute_into(stream, input, DeviceRowsMut::new::<T>(out, hidden)?)?;
+    Ok(Buffer {
+        memory,
+        len,
+        ordinal,
+        binding,
+        _stream: PhantomData,
+    })
 }

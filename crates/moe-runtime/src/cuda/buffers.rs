@@ -1,45 +1,84 @@
-//! The device memory a CUDA permute scratch owns.
+//! The device memory of a CUDA permute scratch: one region, carved into buffers.
+//!
+//! The region is either the scratch's own (allocated with `cuMemAlloc` when it is
+//! built, freed with `cuMemFree`, which waits for the work still using it) or the
+//! caller's ([`crate::PermuteScratch::in_cuda_memory`]: PyTorch's caching allocator,
+//! a candle tensor). [`ScratchMemoryLayout`] says how many bytes a configuration
+//! needs and how they must be aligned; every buffer starts on a 256-byte boundary,
+//! which 16-byte row accesses and coalescing want.
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
-use moe_kernels::MAX_LOCAL_EXPERTS;
+use cudarc::driver::{CudaEvent, sys};
+use moe_kernels::{MAX_LOCAL_EXPERTS, STATUS_BYTES};
 
-use super::device::{CudaDevice, driver_error};
+use super::device::{CudaDevice, Stream, StreamId, driver_error};
 use super::launch::route_chunks;
+use super::memory::Binding;
+use super::owned::DeviceMemory;
+use super::status::DeviceStatus;
 use crate::config::max_padded_rows;
-use crate::{ConfigError, MoeError, Result, ScratchConfig};
+use crate::{ConfigError, MoeError, Result, ScratchConfig, ScratchMismatch};
 
-/// Every intermediate and output of permute and align, on one device, sized for the
-/// largest call of the configuration.
-#[derive(Debug)]
-pub(crate) struct CudaBuffers {
-    pub(crate) device: Arc<CudaDevice>,
-    /// `[max chunks, L]`: per-chunk counts, then first rows (multi-block routing).
-    pub(super) chunk_counts: CudaSlice<u32>,
-    /// `[L + 1]`.
-    pub(super) expert_first_token_offset: CudaSlice<i64>,
-    /// `[max N*K]`.
-    pub(super) permuted_idx: CudaSlice<i32>,
-    /// `[max N*K]`.
-    pub(super) inv_permuted_idx: CudaSlice<i32>,
-    /// `[max N*K, H]` bytes (allocations are 256-byte aligned: 16-byte accesses work).
-    pub(super) permuted_rows: CudaSlice<u8>,
-    /// `[max N*K, S]`.
-    pub(super) permuted_scales: CudaSlice<f32>,
-    /// align: `[max padded rows]`.
-    pub(super) sorted_ids: CudaSlice<i32>,
-    /// align: `[max padded rows / block size]`.
-    pub(super) block_expert_ids: CudaSlice<i32>,
-    /// align: `[L + 1]` first padded row of each expert.
-    pub(super) padded_offsets: CudaSlice<i64>,
-    /// align: `[1]`.
-    pub(super) num_rows_post_padded: CudaSlice<i32>,
+/// Alignment of the region and of every buffer in it.
+pub const SCRATCH_ALIGNMENT: usize = 256;
+
+/// The device memory a CUDA scratch of a configuration needs: `bytes`, starting at an
+/// address that is a multiple of `alignment`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScratchMemoryLayout {
+    pub bytes: usize,
+    pub alignment: usize,
 }
 
-impl CudaBuffers {
-    /// Allocates for `config` (already checked) on `device`.
-    pub(crate) fn new(config: &ScratchConfig, device: Arc<CudaDevice>) -> Result<Self> {
+/// A buffer's place in the region.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Region {
+    offset: usize,
+    bytes: usize,
+}
+
+/// Every buffer of a scratch, in the region.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Carving {
+    /// The status block kernels report bad input in.
+    pub(crate) status: Region,
+    /// `[max chunks, L]` u32: per-chunk counts, then first rows (multi-block routing).
+    pub(crate) chunk_counts: Region,
+    /// `[L + 1]` i64.
+    pub(crate) expert_first_token_offset: Region,
+    /// `[max N*K]` i32.
+    pub(crate) permuted_idx: Region,
+    /// `[max N*K]` i32.
+    pub(crate) inv_permuted_idx: Region,
+    /// `[max N*K, H]` bytes.
+    pub(crate) permuted_rows: Region,
+    /// `[max N*K, S]` f32.
+    pub(crate) permuted_scales: Region,
+    /// align: `[max padded rows]` i32.
+    pub(crate) sorted_ids: Region,
+    /// align: `[max padded rows / block size]` i32.
+    pub(crate) block_expert_ids: Region,
+    /// align: `[L + 1]` i64, first padded row of each expert.
+    pub(crate) padded_offsets: Region,
+    /// align: `[1]` i32.
+    pub(crate) num_rows_post_padded: Region,
+    /// Bytes of the whole region.
+    total: usize,
+}
+
+/// `a * b`, or the error naming what overflowed.
+fn product(what: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or(MoeError::OutOfMemory {
+        buffer: what,
+        bytes: a as u128 * b as u128,
+    })
+}
+
+impl Carving {
+    /// The buffers of `config` (which must pass [`ScratchConfig::check`]).
+    pub(crate) fn of(config: &ScratchConfig) -> Result<Self> {
+        config.check()?;
         let local = config.num_local_experts;
         if local > MAX_LOCAL_EXPERTS as usize {
             return Err(ConfigError::TooManyLocalExperts {
@@ -48,7 +87,8 @@ impl CudaBuffers {
             }
             .into());
         }
-        let entries = config.max_entries();
+        // `check` keeps every index (so `entries`) within i32.
+        let entries = config.max_num_tokens * config.topk;
         let max_chunks = route_chunks(entries as u32).1 as usize;
         let (row_bytes, scales) = config
             .rows
@@ -60,55 +100,299 @@ impl CudaBuffers {
             .align_block_size
             .map_or(0, |block| padded.div_ceil(block));
         let align = usize::from(config.align_block_size.is_some());
+        let mut next = 0usize;
+        let mut region = |what: &'static str, bytes: usize| -> Result<Region> {
+            let offset = next;
+            let end = offset
+                .checked_add(bytes)
+                .and_then(|end| end.checked_next_multiple_of(SCRATCH_ALIGNMENT))
+                .ok_or(MoeError::OutOfMemory {
+                    buffer: what,
+                    bytes: offset as u128 + bytes as u128,
+                })?;
+            next = end;
+            Ok(Region { offset, bytes })
+        };
+        let status = region("status block", STATUS_BYTES)?;
+        let chunk_counts = region("chunk counts", max_chunks * local * 4)?;
+        let expert_first_token_offset = region("expert_first_token_offset", (local + 1) * 8)?;
+        let permuted_idx = region("permuted_idx", entries * 4)?;
+        let inv_permuted_idx = region("inv_permuted_idx", entries * 4)?;
+        let rows = product("permuted_hidden_states", entries, row_bytes)?;
+        let permuted_rows = region("permuted_hidden_states", rows)?;
+        let scales = product(
+            "permuted_scales",
+            entries,
+            product("permuted_scales", scales, 4)?,
+        )?;
+        let permuted_scales = region("permuted_scales", scales)?;
+        let sorted_ids = region("sorted_ids", padded * 4)?;
+        let block_expert_ids = region("block_expert_ids", blocks * 4)?;
+        let padded_offsets = region("padded offsets", align * (local + 1) * 8)?;
+        let num_rows_post_padded = region("num_rows_post_padded", align * 4)?;
         Ok(Self {
-            permuted_rows: allocate(&device, "permuted_hidden_states", entries * row_bytes)?,
-            permuted_scales: allocate(&device, "permuted_scales", entries * scales)?,
-            chunk_counts: allocate(&device, "chunk counts", max_chunks * local)?,
-            expert_first_token_offset: allocate(&device, "expert_first_token_offset", local + 1)?,
-            permuted_idx: allocate(&device, "permuted_idx", entries)?,
-            inv_permuted_idx: allocate(&device, "inv_permuted_idx", entries)?,
-            sorted_ids: allocate(&device, "sorted_ids", padded)?,
-            block_expert_ids: allocate(&device, "block_expert_ids", blocks)?,
-            padded_offsets: allocate(&device, "padded offsets", align * (local + 1))?,
-            num_rows_post_padded: allocate(&device, "num_rows_post_padded", align)?,
-            device,
+            status,
+            chunk_counts,
+            expert_first_token_offset,
+            permuted_idx,
+            inv_permuted_idx,
+            permuted_rows,
+            permuted_scales,
+            sorted_ids,
+            block_expert_ids,
+            padded_offsets,
+            num_rows_post_padded,
+            total: next,
         })
     }
 
-    /// Bytes of device memory held.
-    pub(crate) fn allocated_bytes(&self) -> usize {
-        self.chunk_counts.num_bytes()
-            + self.expert_first_token_offset.num_bytes()
-            + self.permuted_idx.num_bytes()
-            + self.inv_permuted_idx.num_bytes()
-            + self.permuted_rows.num_bytes()
-            + self.permuted_scales.num_bytes()
-            + self.sorted_ids.num_bytes()
-            + self.block_expert_ids.num_bytes()
-            + self.padded_offsets.num_bytes()
-            + self.num_rows_post_padded.num_bytes()
+    pub(crate) fn layout(&self) -> ScratchMemoryLayout {
+        ScratchMemoryLayout {
+            bytes: self.total,
+            alignment: SCRATCH_ALIGNMENT,
+        }
     }
 }
 
-/// A device buffer of `len` elements (at least one: a zero-size allocation is not a
-/// valid device address), left uninitialised.
-///
-/// Not zeroed, on purpose: every element a kernel reads is written earlier in the same
-/// call (rows past the valid count are "not written" by the contract, and are never
-/// read), so zeroing would only cost a pass over memory, which the allocating path's
-/// benchmark would then count against it.
-fn allocate<T: DeviceRepr + ValidAsZeroBits>(
-    device: &CudaDevice,
-    buffer: &'static str,
-    len: usize,
-) -> Result<CudaSlice<T>> {
-    // SAFETY: the memory is only handed to kernels that write an element before any
-    // kernel reads it (see above); the host never reads it before a call has written it.
-    unsafe { device.stream().alloc::<T>(len.max(1)) }.map_err(|error| match error.0 {
-        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => MoeError::OutOfMemory {
-            buffer,
-            bytes: (len * size_of::<T>()) as u128,
-        },
-        _ => driver_error("allocate the scratch")(error),
-    })
+/// Whose memory a scratch's region is.
+#[derive(Debug)]
+enum Memory {
+    Owned(DeviceMemory),
+    /// The caller's: valid while the scratch lives (the constructor's contract).
+    Caller {
+        address: u64,
+    },
+}
+
+/// The buffers of a CUDA scratch, and the stream its calls run on.
+#[derive(Debug)]
+pub(crate) struct CudaBuffers {
+    pub(crate) device: Arc<CudaDevice>,
+    memory: Memory,
+    carving: Carving,
+    /// The stream of the calls so far; the first call binds a scratch that has none.
+    bound: Option<StreamId>,
+    /// Recorded on the old stream when the scratch moves to another one.
+    handoff: CudaEvent,
+    /// Checked mode: every call reads the status block back.
+    pub(crate) checked: bool,
+}
+
+impl CudaBuffers {
+    /// A scratch of its own memory for `config`, on `device`; unbound.
+    pub(crate) fn allocate(config: &ScratchConfig, device: Arc<CudaDevice>) -> Result<Self> {
+        let carving = Carving::of(config)?;
+        let memory = DeviceMemory::allocate(&device, "the scratch", carving.total)?;
+        memory.fill_sync(&device, carving.status.offset, STATUS_BYTES, 0xFF)?;
+        Self::with_memory(device, Memory::Owned(memory), carving, None)
+    }
+
+    /// A scratch allocated on `stream` (stream-ordered), bound to it for its life.
+    ///
+    /// # Safety
+    /// `stream` stays valid until the scratch is dropped.
+    pub(crate) unsafe fn on_stream(
+        config: &ScratchConfig,
+        device: Arc<CudaDevice>,
+        stream: &Stream<'_>,
+    ) -> Result<Self> {
+        if !device.same_context(stream.device()) {
+            return Err(foreign(&device, stream));
+        }
+        let carving = Carving::of(config)?;
+        // SAFETY: the caller's contract; the scratch stays bound to `stream`.
+        let memory = unsafe { DeviceMemory::allocate_on(stream, "the scratch", carving.total)? };
+        // SAFETY: the status block lies in the allocation; ordered on its stream.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                memory.address() + carving.status.offset as u64,
+                0xFF,
+                STATUS_BYTES,
+                stream.cu_stream(),
+            )
+        }
+        .map_err(driver_error("clear the scratch's status block"))?;
+        Self::with_memory(device, Memory::Owned(memory), carving, Some(stream.id()))
+    }
+
+    /// A scratch over `bytes` of the caller's memory at `address`, bound to `stream`
+    /// (where its status block is cleared).
+    ///
+    /// # Safety
+    /// As [`crate::PermuteScratch::in_cuda_memory`].
+    pub(crate) unsafe fn in_memory(
+        config: &ScratchConfig,
+        device: Arc<CudaDevice>,
+        address: u64,
+        bytes: usize,
+        stream: &Stream<'_>,
+    ) -> Result<Self> {
+        let carving = Carving::of(config)?;
+        let layout = carving.layout();
+        if bytes < layout.bytes {
+            return Err(MoeError::Shape {
+                tensor: "scratch memory",
+                len: bytes,
+                expected: format!("at least {} bytes for this configuration", layout.bytes),
+            });
+        }
+        if address % layout.alignment as u64 != 0 || address == 0 {
+            return Err(MoeError::MemoryAlignment {
+                what: "scratch memory",
+                address,
+                alignment: layout.alignment,
+            });
+        }
+        if !device.same_context(stream.device()) {
+            return Err(foreign(&device, stream));
+        }
+        stream.device().bind_to_thread()?;
+        // SAFETY: the status block lies in the caller's region (checked above), which
+        // the caller guarantees is valid and the scratch's; ordered on `stream`.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                address + carving.status.offset as u64,
+                0xFF,
+                STATUS_BYTES,
+                stream.cu_stream(),
+            )
+        }
+        .map_err(driver_error("clear the scratch's status block"))?;
+        Self::with_memory(
+            device,
+            Memory::Caller { address },
+            carving,
+            Some(stream.id()),
+        )
+    }
+
+    fn with_memory(
+        device: Arc<CudaDevice>,
+        memory: Memory,
+        carving: Carving,
+        bound: Option<StreamId>,
+    ) -> Result<Self> {
+        let handoff = device
+            .context()
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(driver_error("create an event"))?;
+        Ok(Self {
+            device,
+            memory,
+            carving,
+            bound,
+            handoff,
+            checked: false,
+        })
+    }
+
+    /// Bytes of device memory the scratch uses.
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        self.carving.total
+    }
+
+    fn base(&self) -> u64 {
+        match &self.memory {
+            Memory::Owned(memory) => memory.address(),
+            Memory::Caller { address } => *address,
+        }
+    }
+
+    /// The address of a buffer, chosen from the carving (`|c| c.permuted_idx`).
+    pub(crate) fn address(&self, region: fn(&Carving) -> Region) -> u64 {
+        self.base() + region(&self.carving).offset as u64
+    }
+
+    /// Starts a call on `stream`: the scratch's own device and stream (binding a new
+    /// scratch to it). Returns the binding the call's output views get.
+    pub(crate) fn enter(&mut self, stream: &Stream<'_>) -> Result<Binding> {
+        if !self.device.same_context(stream.device()) {
+            return Err(foreign(&self.device, stream));
+        }
+        match self.bound {
+            Some(bound) if bound != stream.id() => Err(ScratchMismatch::Stream {
+                bound,
+                call: stream.id(),
+            }
+            .into()),
+            _ => {
+                self.bound = Some(stream.id());
+                Ok(Binding::stream(stream.id()))
+            }
+        }
+    }
+
+    /// The status block, bound like the call's outputs.
+    pub(crate) fn status(&self, binding: Binding) -> DeviceStatus<'_> {
+        DeviceStatus::from_parts(
+            self.address(|c| c.status),
+            self.device.ordinal(),
+            binding,
+            self.checked,
+        )
+    }
+
+    /// The stream the scratch is bound to.
+    pub(crate) fn bound_stream(&self) -> Option<StreamId> {
+        self.bound
+    }
+
+    /// The status block for the stream the scratch is bound to, if it ran a call.
+    pub(crate) fn bound_status(&self) -> DeviceStatus<'_> {
+        let binding = self.bound.map_or(Binding::ANY_STREAM, Binding::stream);
+        self.status(binding)
+    }
+
+    /// Moves the scratch from its stream `from` to `to`, which waits (on the device)
+    /// for what `from` has queued.
+    pub(crate) fn switch_stream(&mut self, from: &Stream<'_>, to: &Stream<'_>) -> Result<()> {
+        for stream in [from, to] {
+            if !self.device.same_context(stream.device()) {
+                return Err(foreign(&self.device, stream));
+            }
+        }
+        if let Some(bound) = self.bound
+            && bound != from.id()
+        {
+            return Err(ScratchMismatch::Stream {
+                bound,
+                call: from.id(),
+            }
+            .into());
+        }
+        self.device.bind_to_thread()?;
+        // SAFETY: the event is the scratch's; both streams are valid (the Stream
+        // constructors' contract) and of this context (checked above).
+        unsafe {
+            cudarc::driver::result::event::record(self.handoff.cu_event(), from.cu_stream())
+                .map_err(driver_error("record an event"))?;
+            cudarc::driver::result::stream::wait_event(
+                to.cu_stream(),
+                self.handoff.cu_event(),
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(driver_error("make a stream wait for an event"))?;
+        }
+        self.bound = Some(to.id());
+        Ok(())
+    }
+
+    /// Binds the scratch to `to` with no ordering of its own.
+    ///
+    /// # Safety
+    /// As [`crate::PermuteScratch::assume_stream`].
+    pub(crate) unsafe fn assume_stream(&mut self, to: &Stream<'_>) -> Result<()> {
+        if !self.device.same_context(to.device()) {
+            return Err(foreign(&self.device, to));
+        }
+        self.bound = Some(to.id());
+        Ok(())
+    }
+}
+
+fn foreign(device: &CudaDevice, stream: &Stream<'_>) -> MoeError {
+    MoeError::ForeignStream {
+        device: device.device(),
+        stream_device: stream.device().device(),
+    }
 }

@@ -1,86 +1,117 @@
-//! A CUDA device: a context, the stream calls run on, and the project's kernels,
-//! loaded from the embedded PTX once per context.
+//! A CUDA device: a context and the project's kernels, loaded once per context; and
+//! [`Stream`], the stream one call runs on.
+//!
+//! A device owns no stream. Every operation takes the stream it runs on, because the
+//! callers own their streams: PyTorch captures graphs on a side stream and switches
+//! streams, candle keeps one per device, a serving stack overlaps two micro-batches on
+//! two streams.
 
 use std::sync::{Arc, Mutex, Weak};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, sys};
 use cudarc::nvrtc::Ptx;
-use moe_kernels::kernels;
+use moe_kernels::kernels::Kernel;
 
 use crate::{Device, MoeError, Result};
 
-/// A CUDA device and the stream the runtime's work for it is queued on.
+/// A CUDA context with the project's kernels loaded.
 ///
-/// Cheap to share (`Arc`); every scratch built on it, and every call with such a
-/// scratch, runs on its stream in order, so calls never wait for the host.
+/// Cheap to share (`Arc`). Scratches built on it use its kernel table; the work of a
+/// call goes to the [`Stream`] the call is given.
 #[derive(Debug)]
 pub struct CudaDevice {
     ordinal: usize,
-    stream: Arc<CudaStream>,
-    kernels: Arc<Kernels>,
+    context: Arc<CudaContext>,
+    kernels: Arc<KernelTable>,
 }
 
-/// The functions of the PTX module, in the order of `moe_kernels::kernels::ALL`.
+/// The functions of the PTX module, indexed by [`Kernel::index`].
 #[derive(Debug)]
-struct Kernels {
+struct KernelTable {
     _module: Arc<CudaModule>,
-    functions: Vec<CudaFunction>,
+    functions: Box<[CudaFunction]>,
 }
 
 /// The loaded modules, one per context: a context loads the PTX once however many
 /// devices or scratches use it.
-static MODULES: Mutex<Vec<(usize, Weak<Kernels>)>> = Mutex::new(Vec::new());
+static MODULES: Mutex<Vec<(usize, Weak<KernelTable>)>> = Mutex::new(Vec::new());
 
+/// The driver error of `action`, as a typed error with its cause.
 pub(crate) fn driver_error(action: &'static str) -> impl Fn(DriverError) -> MoeError {
-    move |error| MoeError::Driver {
-        action,
-        error: error.to_string(),
+    move |source| MoeError::Driver { action, source }
+}
+
+/// A CUDA library the workspace uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CudaLibrary {
+    /// The driver, `libcuda`.
+    Driver,
+    /// cuBLAS (the MoE block's GEMMs).
+    Cublas,
+}
+
+impl CudaLibrary {
+    /// Whether the library can be used. With feature `dynamic-loading` (the default)
+    /// libraries are loaded when the program runs, and calling into an absent one
+    /// panics: ask first, and report an error instead. Linked at build time
+    /// (`dynamic-linking`), the program would not have started without it.
+    pub fn is_present(self) -> bool {
+        #[cfg(feature = "dynamic-loading")]
+        {
+            // SAFETY: only tries to open the library by name.
+            unsafe {
+                match self {
+                    CudaLibrary::Driver => sys::is_culib_present(),
+                    CudaLibrary::Cublas => cudarc::cublas::sys::is_culib_present(),
+                }
+            }
+        }
+        #[cfg(not(feature = "dynamic-loading"))]
+        {
+            true
+        }
     }
 }
 
 impl CudaDevice {
-    /// Opens CUDA device `ordinal` (its primary context) with a new stream.
+    /// Opens CUDA device `ordinal` (its primary context, which candle and PyTorch
+    /// share) and loads the kernels into it.
     ///
     /// Fails with [`MoeError::DeviceUnavailable`] where there is no driver or no such
     /// device: the caller can fall back to the CPU.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
-        let count = Self::count()?;
+        let device = Device::Cuda(ordinal);
+        let count = Self::count().map_err(|error| match error {
+            MoeError::DeviceUnavailable { reason, .. } => {
+                MoeError::DeviceUnavailable { device, reason }
+            }
+            other => other,
+        })?;
         if ordinal >= count {
             return Err(MoeError::DeviceUnavailable {
-                device: Device::Cuda(ordinal),
+                device,
                 reason: format!("the driver reports {count} CUDA device(s)"),
             });
         }
         let context = CudaContext::new(ordinal).map_err(driver_error("create a CUDA context"))?;
-        // Every launch of the runtime goes to one stream and names its buffers by raw
-        // address, so cudarc's per-buffer event tracking would guard nothing; with it
-        // off, no call records or waits on events, which graph capture requires.
-        // SAFETY: no work has been queued in this context by this runtime yet, and the
-        // runtime never relies on cudarc's events for ordering.
-        unsafe { context.disable_event_tracking() };
-        let stream = context
-            .new_stream()
-            .map_err(driver_error("create a CUDA stream"))?;
-        Self::with_stream(stream)
+        Self::from_context(context)
     }
 
-    /// Runs the runtime's work on a stream the caller already owns (a serving stack's
-    /// own stream, wrapped by `CudaContext::wrap_borrowed_stream` or created with
-    /// cudarc). The context's event tracking is left as the caller set it.
-    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Arc<Self>> {
-        let context = stream.context().clone();
+    /// The kernels in a context the caller already has (candle's device's, say).
+    /// cudarc's settings of the context (event tracking) are left as they are.
+    pub fn from_context(context: Arc<CudaContext>) -> Result<Arc<Self>> {
         let kernels = load_kernels(&context)?;
         Ok(Arc::new(Self {
             ordinal: context.ordinal(),
-            stream,
+            context,
             kernels,
         }))
     }
 
-    /// CUDA devices the driver reports; an error where no driver can be loaded.
+    /// CUDA devices the driver reports; [`MoeError::DeviceUnavailable`] where no
+    /// driver can be loaded.
     pub fn count() -> Result<usize> {
-        // SAFETY: only tries to open the driver library by name.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !CudaLibrary::Driver.is_present() {
             return Err(MoeError::DeviceUnavailable {
                 device: Device::Cuda(0),
                 reason: "no NVIDIA driver (libcuda.so) was found".into(),
@@ -96,7 +127,7 @@ impl CudaDevice {
         let mut version = 0;
         // SAFETY: the driver library is loaded (checked by `count`); the call writes
         // one integer.
-        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        unsafe { sys::cuDriverGetVersion(&mut version) }
             .result()
             .map_err(driver_error("read the driver version"))?;
         Ok((version / 1000, (version % 1000) / 10))
@@ -110,37 +141,120 @@ impl CudaDevice {
         Device::Cuda(self.ordinal)
     }
 
+    /// The context the kernels are loaded in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.context
+    }
+
     /// The card's name, as the driver reports it.
     pub fn name(&self) -> Result<String> {
-        self.stream
-            .context()
+        self.context
             .name()
             .map_err(driver_error("read the device name"))
     }
 
-    /// The stream every call on this device is queued on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// A new stream of this device's context (cudarc's non-blocking stream).
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.context
+            .new_stream()
+            .map_err(driver_error("create a CUDA stream"))
     }
 
-    /// Waits until every queued call has finished.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(driver_error("synchronize the stream"))
+    /// `stream`, for calls on this device: an error when it belongs to another
+    /// context.
+    pub fn stream<'a>(&'a self, stream: &'a CudaStream) -> Result<Stream<'a>> {
+        if stream.context().cu_ctx() != self.context.cu_ctx() {
+            return Err(MoeError::ForeignStream {
+                device: self.device(),
+                stream_device: Device::Cuda(stream.context().ordinal()),
+            });
+        }
+        Ok(Stream {
+            device: self,
+            raw: stream.cu_stream(),
+        })
     }
 
-    /// The loaded function `name`, one of `moe_kernels::kernels::ALL`.
-    pub(crate) fn function(&self, name: &str) -> &CudaFunction {
-        let index = kernels::ALL
-            .iter()
-            .position(|&known| known == name)
-            .expect("kernel names come from moe_kernels::kernels");
-        &self.kernels.functions[index]
+    /// A stream the caller knows only by its handle (PyTorch's
+    /// `torch.cuda.current_stream().cuda_stream`, say), for calls on this device.
+    ///
+    /// # Safety
+    /// `raw` is the null (legacy default) stream, the per-thread default stream, or a
+    /// stream created in this device's context, and it is not destroyed while any call
+    /// given the returned [`Stream`] can still queue work on it, nor while a
+    /// [`PermuteScratch`](crate::PermuteScratch) stays bound to it.
+    pub unsafe fn raw_stream(&self, raw: sys::CUstream) -> Stream<'_> {
+        Stream { device: self, raw }
+    }
+
+    /// The loaded function of `kernel`.
+    pub(crate) fn function(&self, kernel: Kernel) -> &CudaFunction {
+        &self.kernels.functions[kernel.index()]
+    }
+
+    /// Makes the context current on the calling thread (launches need it).
+    pub(crate) fn bind_to_thread(&self) -> Result<()> {
+        self.context
+            .bind_to_thread()
+            .map_err(driver_error("make the CUDA context current"))
+    }
+
+    /// Whether `other` is this device's context.
+    pub(crate) fn same_context(&self, other: &CudaDevice) -> bool {
+        self.context.cu_ctx() == other.context.cu_ctx()
     }
 }
 
-fn load_kernels(context: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+/// The identity of a stream: its driver handle. Views and scratches remember the
+/// stream they are bound to by it; errors show it in hex.
+pub type StreamId = usize;
+
+/// The stream one call runs on, with the device whose kernels it launches.
+///
+/// Borrowed for the call: made from a cudarc [`CudaStream`] by
+/// [`CudaDevice::stream`] (checked to be of the device's context), or from a raw
+/// handle by [`CudaDevice::raw_stream`] (`unsafe`). Copying it costs nothing; every
+/// operation takes one, so the same scratch, device and kernels serve any stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Stream<'a> {
+    device: &'a CudaDevice,
+    raw: sys::CUstream,
+}
+
+impl<'a> Stream<'a> {
+    /// The device whose kernels calls on this stream launch.
+    pub fn device(&self) -> &'a CudaDevice {
+        self.device
+    }
+
+    /// The driver handle.
+    pub fn cu_stream(&self) -> sys::CUstream {
+        self.raw
+    }
+
+    /// The stream's identity (its handle as an integer).
+    pub fn id(&self) -> StreamId {
+        self.raw as StreamId
+    }
+
+    /// Waits on the host until everything queued on the stream has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device.bind_to_thread()?;
+        // SAFETY: a valid stream of the device's context (the constructors' contract).
+        unsafe { cudarc::driver::result::stream::synchronize(self.raw) }
+            .map_err(driver_error("synchronize the stream"))
+    }
+
+    /// Whether the stream is capturing a CUDA graph now (then nothing may wait for it).
+    pub fn is_capturing(&self) -> Result<bool> {
+        // SAFETY: a valid stream (the constructors' contract).
+        let status = unsafe { cudarc::driver::result::stream::is_capturing(self.raw) }
+            .map_err(driver_error("ask whether the stream is capturing"))?;
+        Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+}
+
+fn load_kernels(context: &Arc<CudaContext>) -> Result<Arc<KernelTable>> {
     let key = context.cu_ctx() as usize;
     let mut modules = MODULES
         .lock()
@@ -156,12 +270,12 @@ fn load_kernels(context: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
     let module = context
         .load_module(Ptx::from_src(moe_kernels::PTX))
         .map_err(driver_error("load the kernels' PTX module"))?;
-    let functions = kernels::ALL
+    let functions = Kernel::ALL
         .iter()
-        .map(|name| module.load_function(name))
-        .collect::<Result<Vec<_>, _>>()
+        .map(|kernel| module.load_function(kernel.name()))
+        .collect::<Result<Box<[_]>, _>>()
         .map_err(driver_error("find a kernel in the PTX module"))?;
-    let kernels = Arc::new(Kernels {
+    let kernels = Arc::new(KernelTable {
         _module: module,
         functions,
     });

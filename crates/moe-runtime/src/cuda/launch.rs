@@ -1,48 +1,76 @@
-//! The one place kernels are launched: every `unsafe` launch of the runtime is here.
+//! The one place kernels are launched: every kernel launch of the workspace goes
+//! through [`launch`], the permute runtime's and the MoE block's alike.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use moe_kernels::kernels::{self, IdWidth};
-use moe_kernels::{ROUTE_CHUNK, ROUTE_THREADS, RouteParams};
+use std::ffi::c_void;
 
-use super::device::{CudaDevice, driver_error};
-use crate::Result;
+use moe_kernels::kernels::{IdWidth, Kernel};
+use moe_kernels::{KernelParams, ROUTE_CHUNK, ROUTE_THREADS, RouteParams};
 
-/// Launches kernel `name` with `blocks` blocks of `threads` and its parameter block.
+use super::device::{Stream, driver_error};
+use crate::{MoeError, Result};
+
+/// A kernel's grid: `blocks` blocks of `threads` threads, in x only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub blocks: u32,
+    pub threads: u32,
+}
+
+/// Queues `kernel` on `stream` with its parameter block; nothing when the grid is
+/// empty. Allocates nothing and never waits for the device (a call can be captured
+/// in a CUDA graph).
 ///
-/// The caller must have validated the call: every address in `params` points to
-/// device memory of the sizes the kernel reads and writes for these dimensions.
-pub(super) fn launch<P: DeviceRepr>(
-    device: &CudaDevice,
-    name: &'static str,
-    blocks: u32,
-    threads: u32,
+/// A parameter block of another kind than the kernel takes is an error, not a launch.
+///
+/// # Safety
+/// - every device address in `params` points to memory of the stream's device, of
+///   the sizes and alignment `kernel` reads and writes for the dimensions in `params`
+///   and `grid` (the grid the kernel is written for);
+/// - that memory stays allocated until the kernel has run, and no other work touches
+///   it meanwhile unless ordered with `stream` (same stream, or events).
+pub unsafe fn launch<P: KernelParams>(
+    stream: &Stream<'_>,
+    kernel: Kernel,
+    grid: Grid,
     params: &P,
 ) -> Result<()> {
-    if blocks == 0 {
+    if kernel.params() != P::KIND {
+        return Err(MoeError::KernelParams {
+            kernel: kernel.name(),
+            expected: kernel.params(),
+            got: P::KIND,
+        });
+    }
+    if grid.blocks == 0 {
         return Ok(());
     }
-    let mut builder = device.stream().launch_builder(device.function(name));
-    builder.arg(params);
-    let config = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: `params` is the `#[repr(C)]` block `name` was compiled to take (one
-    // definition in moe-kernels, by value); the caller validated the call and sized
-    // every buffer it addresses; the grid is the one the kernel is written for.
-    unsafe { builder.launch(config) }
-        .map(drop)
-        .map_err(driver_error("launch a kernel"))
+    let device = stream.device();
+    device.bind_to_thread()?;
+    // The kernel copies the block from this address when the launch is queued.
+    let mut args = [params as *const P as *mut c_void];
+    // SAFETY: `params` is the `#[repr(C)]` block `kernel` takes by value (checked
+    // above: one definition in moe-kernels); the caller guarantees the memory it
+    // addresses and the ordering; the function is of the stream's context.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            device.function(kernel).cu_function(),
+            (grid.blocks, 1, 1),
+            (grid.threads, 1, 1),
+            0,
+            stream.cu_stream(),
+            &mut args,
+        )
+    }
+    .map_err(driver_error("launch a kernel"))
 }
 
 /// Entries up to which one block routes a whole call, in one launch: below this, the
 /// two extra launches of the multi-block path cost more than the block's serial work
 /// (measured on an H200: a block ranks about 1000 entries a microsecond).
-const SINGLE_BLOCK_ENTRIES: u32 = 2048;
+pub const SINGLE_BLOCK_ENTRIES: u32 = 2048;
 /// Entries per block of the multi-block path: small enough for many blocks at a few
 /// thousand entries, at most [`ROUTE_CHUNK`] (the kernels' 16-bit per-warp counts).
-const MULTI_BLOCK_CHUNK: u32 = 1024;
+pub const MULTI_BLOCK_CHUNK: u32 = 1024;
 const _: () = assert!(MULTI_BLOCK_CHUNK <= ROUTE_CHUNK && SINGLE_BLOCK_ENTRIES <= ROUTE_CHUNK);
 
 /// How `entries` are cut into routing blocks: `(chunk_entries, num_chunks)`. One
@@ -55,18 +83,58 @@ pub(crate) fn route_chunks(entries: u32) -> (u32, u32) {
     }
 }
 
-/// The counting sort: one launch when one block holds every entry, else three.
-pub(super) fn route(
-    device: &CudaDevice,
+/// Routing launches of a call of `entries` entries: the counting sort is one launch
+/// when one block holds every entry, else three (count, scan, place).
+pub const fn route_launches(entries: u32) -> u32 {
+    if entries <= SINGLE_BLOCK_ENTRIES {
+        1
+    } else {
+        3
+    }
+}
+
+/// The counting sort of a validated call.
+///
+/// # Safety
+/// As [`launch`] for `params` (the scratch's buffers, sized for the call).
+pub(super) unsafe fn route(
+    stream: &Stream<'_>,
     params: &RouteParams,
     align: bool,
     ids: IdWidth,
 ) -> Result<()> {
-    if params.num_chunks > 1 {
-        let count = kernels::route_count(align, ids);
-        launch(device, count, params.num_chunks, ROUTE_THREADS, params)?;
-        launch(device, kernels::route_scan(align), 1, ROUTE_THREADS, params)?;
+    let grid = |blocks| Grid {
+        blocks,
+        threads: ROUTE_THREADS,
+    };
+    // SAFETY: as the caller guarantees; each kernel's grid is the one it is written
+    // for (a block per chunk, one block for the scan).
+    unsafe {
+        if params.num_chunks > 1 {
+            let count = Kernel::route_count(align, ids);
+            launch(stream, count, grid(params.num_chunks), params)?;
+            launch(stream, Kernel::route_scan(align), grid(1), params)?;
+        }
+        let place = Kernel::route_place(align, ids);
+        launch(stream, place, grid(params.num_chunks), params)
     }
-    let place = kernels::route_place(align, ids);
-    launch(device, place, params.num_chunks, ROUTE_THREADS, params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_block_routes_small_calls_and_chunks_cover_large_ones() {
+        assert_eq!(route_chunks(0), (0, 1));
+        assert_eq!(
+            route_chunks(SINGLE_BLOCK_ENTRIES),
+            (SINGLE_BLOCK_ENTRIES, 1)
+        );
+        let (chunk, count) = route_chunks(SINGLE_BLOCK_ENTRIES + 1);
+        assert_eq!(chunk, MULTI_BLOCK_CHUNK);
+        assert!(chunk * count > SINGLE_BLOCK_ENTRIES);
+        assert_eq!(route_launches(SINGLE_BLOCK_ENTRIES), 1);
+        assert_eq!(route_launches(SINGLE_BLOCK_ENTRIES + 1), 3);
+    }
 }

@@ -1,16 +1,88 @@
 //! Borrowed views of device memory: what the CUDA calls take and return.
 //!
-//! A view is a raw device address, a length and the device it is on, borrowed for
-//! `'a` from whatever owns the memory (a `CudaSlice`, a scratch, or the caller's own
-//! allocator through the `unsafe` constructors). Kernels receive the addresses; the
-//! lengths are what validation checks.
+//! A view is a device address, a length, the device, and the stream it may be used
+//! on, borrowed for `'a` from whatever owns the memory. The ordering model
+//! (`docs/architecture.md`, "CUDA streams, memory and `unsafe`"):
+//!
+//! - A view made safely from a cudarc slice ([`DeviceView::new`],
+//!   [`DeviceViewMut::new`]) is **bound to the slice's stream**, and a call on any
+//!   other stream refuses it ([`MoeError::StreamMismatch`]). On that stream every use
+//!   is ordered, and the slice's own drop (a free queued on the same stream) comes
+//!   after the call's kernels. Where the slice's context tracks events (cudarc's
+//!   default once it has several streams), the view keeps cudarc's protocol: it waits
+//!   for the slice's last write when made, and the call records the slice's event
+//!   after its kernels, so cudarc orders later uses on other streams after them.
+//! - A view of memory the caller owns ([`DeviceView::from_raw`]) or a bound view
+//!   released with [`DeviceView::on_any_stream`] is usable on any stream: those are
+//!   `unsafe`, and the caller guarantees the ordering.
+//!
+//! Views returned by the calls (permute's outputs) are bound to the call's stream.
 
 use std::marker::PhantomData;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, sys};
 
-use super::device::driver_error;
+use super::device::{Stream, StreamId, driver_error};
 use crate::{DType, Device, Element, MoeError, Result};
+
+/// What a view may be used with: the stream it is bound to (`None`: any) and the
+/// cudarc event to record after a call used it (`None`: no tracking).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Binding {
+    pub(crate) stream: Option<StreamId>,
+    event: Option<usize>,
+}
+
+impl Binding {
+    pub(crate) const ANY_STREAM: Binding = Binding {
+        stream: None,
+        event: None,
+    };
+
+    /// Bound to `stream`, no event.
+    pub(crate) fn stream(stream: StreamId) -> Self {
+        Self {
+            stream: Some(stream),
+            event: None,
+        }
+    }
+
+    /// Checks that `tensor` may be used on `stream`.
+    pub(crate) fn check(&self, tensor: &'static str, stream: &Stream<'_>) -> Result<()> {
+        match self.stream {
+            Some(bound) if bound != stream.id() => Err(MoeError::StreamMismatch {
+                tensor,
+                bound,
+                call: stream.id(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records the view's cudarc event on `stream`, after the call's kernels: what
+    /// cudarc's own launches do for the slices they use.
+    pub(crate) fn record(&self, stream: &Stream<'_>) -> Result<()> {
+        if let Some(event) = self.event {
+            // SAFETY: the event belongs to a slice borrowed by the view, so it is
+            // alive; the stream is valid (its constructors' contract).
+            unsafe {
+                cudarc::driver::result::event::record(event as sys::CUevent, stream.cu_stream())
+            }
+            .map_err(driver_error("record a slice's event"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The event a cudarc guard would record on drop, taken out of it so that the call
+/// records it after its kernels instead of now.
+fn take_event(mut guard: SyncOnDrop<'_>) -> Option<usize> {
+    match &mut guard {
+        SyncOnDrop::Record(target) => target.take().map(|(event, _)| event.cu_event() as usize),
+        // Slices never hand out a synchronising guard; dropping one is what it asks.
+        SyncOnDrop::Sync(_) => None,
+    }
+}
 
 /// The accessors both view types share: address, length, device, sub-views.
 macro_rules! view_accessors {
@@ -32,6 +104,11 @@ macro_rules! view_accessors {
             Device::Cuda(self.ordinal)
         }
 
+        /// The stream the view is bound to, if any.
+        pub fn stream(&self) -> Option<StreamId> {
+            self.binding.stream
+        }
+
         /// The first `len` elements (all of them if there are fewer).
         pub fn prefix(self, len: usize) -> Self {
             Self {
@@ -40,14 +117,34 @@ macro_rules! view_accessors {
             }
         }
 
-        /// Elements `start..start + len`.
-        pub fn range(self, start: usize, len: usize) -> Result<Self> {
-            check_range(self.len, start, len)?;
+        /// Elements `start..start + len`; `tensor` names the view in the error.
+        pub fn range(self, tensor: &'static str, start: usize, len: usize) -> Result<Self> {
+            check_range(tensor, self.len, start, len)?;
             Ok(Self {
                 address: self.address + (start * size_of::<T>()) as u64,
                 len,
                 ..self
             })
+        }
+
+        /// The same memory, usable on any stream.
+        ///
+        /// # Safety
+        /// Every use of the view on a stream other than the one it is bound to is
+        /// ordered, by the caller, after the work that wrote the memory and before
+        /// the work that writes or frees it next.
+        pub unsafe fn on_any_stream(self) -> Self {
+            Self {
+                binding: Binding {
+                    stream: None,
+                    ..self.binding
+                },
+                ..self
+            }
+        }
+
+        pub(crate) fn binding(&self) -> Binding {
+            self.binding
         }
     };
 }
@@ -58,6 +155,7 @@ pub struct DeviceView<'a, T> {
     address: u64,
     len: usize,
     ordinal: usize,
+    binding: Binding,
     _borrow: PhantomData<&'a [T]>,
 }
 
@@ -69,42 +167,66 @@ impl<T> Clone for DeviceView<'_, T> {
 impl<T> Copy for DeviceView<'_, T> {}
 
 impl<'a, T: DeviceRepr> DeviceView<'a, T> {
-    /// Views all of `slice`.
-    pub fn new(slice: &'a CudaSlice<T>) -> Self {
-        let (address, _no_event) = slice.device_ptr(slice.stream());
+    /// Views all of a cudarc slice (or a cudarc view of one), bound to its stream.
+    pub fn new<S: DevicePtr<T>>(slice: &'a S) -> Self {
+        let stream = slice.stream();
+        let (address, guard) = slice.device_ptr(stream);
         Self {
             address,
             len: slice.len(),
-            ordinal: slice.ordinal(),
+            ordinal: stream.context().ordinal(),
+            binding: Binding {
+                stream: Some(stream.cu_stream() as StreamId),
+                event: take_event(guard),
+            },
             _borrow: PhantomData,
         }
     }
 
-    /// Views memory the caller owns.
+    /// Views memory the caller owns, usable on any stream.
     ///
     /// # Safety
-    /// `address` is the start of `len` initialised elements of `T` on CUDA device
-    /// `ordinal`, which stay allocated and are not written by anyone else while the
-    /// view (lifetime `'a`) is in use, including by work already queued on the stream.
+    /// - `address` is the start of `len` initialised elements of `T` on CUDA device
+    ///   `ordinal`, aligned for `T`;
+    /// - the memory stays allocated until every call given the view has finished on
+    ///   the device (a free ordered on the call's stream is enough);
+    /// - nothing writes it while those calls run, unless ordered before or after them
+    ///   (the same stream, or events).
     pub unsafe fn from_raw(address: u64, len: usize, ordinal: usize) -> Self {
         Self {
             address,
             len,
             ordinal,
+            binding: Binding::ANY_STREAM,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A view the runtime made of its own memory, bound to `binding`.
+    pub(crate) fn from_parts(address: u64, len: usize, ordinal: usize, binding: Binding) -> Self {
+        Self {
+            address,
+            len,
+            ordinal,
+            binding,
             _borrow: PhantomData,
         }
     }
 
     view_accessors!();
 
-    /// Copies the view to host memory, after the work queued on `stream`.
-    pub fn to_host(&self, stream: &CudaStream) -> Result<Vec<T>>
+    /// Copies the view to host memory after the work queued on `stream`, waiting for
+    /// it. `stream` must be one the view may be used on.
+    pub fn to_host(&self, stream: &Stream<'_>) -> Result<Vec<T>>
     where
         T: Default + Clone,
     {
+        self.binding.check("view", stream)?;
         let mut host = vec![T::default(); self.len];
+        stream.device().bind_to_thread()?;
         if self.len > 0 {
-            // SAFETY: `host` has `len` elements of `T`, the view `len` on the device.
+            // SAFETY: `host` has `len` elements of `T`, the view `len` on the device;
+            // the copy is ordered on a stream the view may be used on.
             unsafe {
                 cudarc::driver::result::memcpy_dtoh_async(
                     &mut host,
@@ -114,9 +236,8 @@ impl<'a, T: DeviceRepr> DeviceView<'a, T> {
             }
             .map_err(driver_error("copy device memory to the host"))?;
         }
-        stream
-            .synchronize()
-            .map_err(driver_error("synchronize the stream"))?;
+        stream.synchronize()?;
+        self.binding.record(stream)?;
         Ok(host)
     }
 
@@ -126,6 +247,7 @@ impl<'a, T: DeviceRepr> DeviceView<'a, T> {
             address: self.address,
             len: self.len * size_of::<T>(),
             ordinal: self.ordinal,
+            binding: self.binding,
             _borrow: PhantomData,
         }
     }
@@ -137,35 +259,56 @@ pub struct DeviceViewMut<'a, T> {
     address: u64,
     len: usize,
     ordinal: usize,
+    binding: Binding,
     _borrow: PhantomData<&'a mut [T]>,
 }
 
 impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
-    /// Views all of `slice` for writing.
-    pub fn new(slice: &'a mut CudaSlice<T>) -> Self {
-        let ordinal = slice.ordinal();
-        let len = slice.len();
+    /// Views all of a cudarc slice (or a mutable cudarc view of one) for writing,
+    /// bound to its stream.
+    pub fn new<S: DevicePtrMut<T>>(slice: &'a mut S) -> Self {
         let stream = slice.stream().clone();
-        let (address, _no_event) = slice.device_ptr_mut(&stream);
+        let ordinal = stream.context().ordinal();
+        let len = slice.len();
+        let (address, guard) = slice.device_ptr_mut(&stream);
         Self {
             address,
             len,
             ordinal,
+            binding: Binding {
+                stream: Some(stream.cu_stream() as StreamId),
+                event: take_event(guard),
+            },
             _borrow: PhantomData,
         }
     }
 
-    /// Views memory the caller owns, for writing.
+    /// Views memory the caller owns, for writing, usable on any stream.
     ///
     /// # Safety
-    /// `address` is the start of `len` elements of `T` on CUDA device `ordinal`, which
-    /// stay allocated and are neither read nor written by anyone else while the view
-    /// (lifetime `'a`) is in use.
+    /// - `address` is the start of `len` elements of `T` on CUDA device `ordinal`,
+    ///   aligned for `T`;
+    /// - the memory stays allocated until every call given the view has finished on
+    ///   the device;
+    /// - nothing reads or writes it while those calls run, unless ordered before or
+    ///   after them (the same stream, or events).
     pub unsafe fn from_raw(address: u64, len: usize, ordinal: usize) -> Self {
         Self {
             address,
             len,
             ordinal,
+            binding: Binding::ANY_STREAM,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A view the runtime made of its own memory, bound to `binding`.
+    pub(crate) fn from_parts(address: u64, len: usize, ordinal: usize, binding: Binding) -> Self {
+        Self {
+            address,
+            len,
+            ordinal,
+            binding,
             _borrow: PhantomData,
         }
     }
@@ -178,15 +321,27 @@ impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
             address: self.address,
             len: self.len,
             ordinal: self.ordinal,
+            binding: self.binding,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Reinterprets the view as bytes.
+    pub(crate) fn bytes(self) -> DeviceViewMut<'a, u8> {
+        DeviceViewMut {
+            address: self.address,
+            len: self.len * size_of::<T>(),
+            ordinal: self.ordinal,
+            binding: self.binding,
             _borrow: PhantomData,
         }
     }
 }
 
-fn check_range(len: usize, start: usize, count: usize) -> Result<()> {
+fn check_range(tensor: &'static str, len: usize, start: usize, count: usize) -> Result<()> {
     if start > len || count > len - start {
         return Err(MoeError::Shape {
-            tensor: "view",
+            tensor,
             len,
             expected: format!("a range {start}..{} inside it", start.saturating_add(count)),
         });
@@ -194,6 +349,7 @@ fn check_range(len: usize, start: usize, count: usize) -> Result<()> {
     Ok(())
 }
 
+/// The row count of `len` elements in rows of `columns`; `tensor` names the view.
 fn whole_rows(tensor: &'static str, len: usize, columns: usize) -> Result<usize> {
     if columns == 0 || len % columns != 0 {
         return Err(MoeError::Shape {
@@ -203,6 +359,17 @@ fn whole_rows(tensor: &'static str, len: usize, columns: usize) -> Result<usize>
         });
     }
     Ok(len / columns)
+}
+
+/// Bytes in a row of `hidden_size` elements of `dtype`; an error when that overflows.
+fn row_bytes(tensor: &'static str, hidden_size: usize, dtype: DType) -> Result<usize> {
+    hidden_size
+        .checked_mul(dtype.size_bytes())
+        .ok_or(MoeError::Shape {
+            tensor,
+            len: hidden_size,
+            expected: format!("a row of {dtype} whose byte count fits in usize"),
+        })
 }
 
 /// `[R, H]` rows of any [`DType`] in device memory, seen as bytes.
@@ -220,6 +387,7 @@ impl<'a> DeviceRows<'a> {
         hidden_size: usize,
     ) -> Result<Self> {
         whole_rows("rows", data.len(), hidden_size)?;
+        row_bytes("rows", hidden_size, T::DTYPE)?;
         Ok(Self {
             bytes: data.bytes(),
             dtype: T::DTYPE,
@@ -230,11 +398,7 @@ impl<'a> DeviceRows<'a> {
     /// Views device bytes as rows of `hidden_size` elements of `dtype` (fp8 rows are
     /// bytes).
     pub fn from_bytes(bytes: DeviceView<'a, u8>, dtype: DType, hidden_size: usize) -> Result<Self> {
-        whole_rows(
-            "rows",
-            bytes.len(),
-            hidden_size.saturating_mul(dtype.size_bytes()),
-        )?;
+        whole_rows("rows", bytes.len(), row_bytes("rows", hidden_size, dtype)?)?;
         Ok(Self {
             bytes,
             dtype,
@@ -242,6 +406,7 @@ impl<'a> DeviceRows<'a> {
         })
     }
 
+    /// Rows the runtime sized itself: `bytes.len()` is a whole number of rows.
     pub(crate) fn from_parts(bytes: DeviceView<'a, u8>, dtype: DType, hidden_size: usize) -> Self {
         Self {
             bytes,
@@ -258,6 +423,7 @@ impl<'a> DeviceRows<'a> {
         self.hidden_size
     }
 
+    /// Bytes in one row (checked not to overflow when the view was made).
     pub fn row_bytes(&self) -> usize {
         self.hidden_size * self.dtype.size_bytes()
     }
@@ -280,14 +446,13 @@ impl<'a> DeviceRows<'a> {
                 got: T::DTYPE,
             });
         }
-        // SAFETY: the same memory, borrowed for the same 'a, in its own element type.
-        Ok(unsafe {
-            DeviceView::from_raw(
-                self.bytes.address(),
-                self.bytes.len() / size_of::<T>(),
-                self.bytes.ordinal,
-            )
-        })
+        let bytes = self.bytes;
+        Ok(DeviceView::from_parts(
+            bytes.address,
+            bytes.len / size_of::<T>(),
+            bytes.ordinal,
+            bytes.binding,
+        ))
     }
 }
 
@@ -305,13 +470,9 @@ impl<'a> DeviceRowsMut<'a> {
         hidden_size: usize,
     ) -> Result<Self> {
         whole_rows("rows", data.len(), hidden_size)?;
+        row_bytes("rows", hidden_size, T::DTYPE)?;
         Ok(Self {
-            bytes: DeviceViewMut {
-                address: data.address,
-                len: data.len * size_of::<T>(),
-                ordinal: data.ordinal,
-                _borrow: PhantomData,
-            },
+            bytes: data.bytes(),
             dtype: T::DTYPE,
             hidden_size,
         })
@@ -323,11 +484,7 @@ impl<'a> DeviceRowsMut<'a> {
         dtype: DType,
         hidden_size: usize,
     ) -> Result<Self> {
-        whole_rows(
-            "rows",
-            bytes.len(),
-            hidden_size.saturating_mul(dtype.size_bytes()),
-        )?;
+        whole_rows("rows", bytes.len(), row_bytes("rows", hidden_size, dtype)?)?;
         Ok(Self {
             bytes,
             dtype,
@@ -378,6 +535,13 @@ impl DeviceExpertIds<'_> {
         match self {
             DeviceExpertIds::I32(ids) => ids.device(),
             DeviceExpertIds::I64(ids) => ids.device(),
+        }
+    }
+
+    pub(crate) fn binding(&self) -> Binding {
+        match self {
+            DeviceExpertIds::I32(ids) => ids.binding(),
+            DeviceExpertIds::I64(ids) => ids.binding(),
         }
     }
 }
@@ -435,5 +599,69 @@ impl<'a> DeviceScales<'a> {
 
     pub fn num_rows(&self) -> usize {
         self.data.len() / self.columns
+    }
+}
+
+/// The views one call uses, by name: their devices for the scratch's validation,
+/// their streams checked against the call's, and their cudarc events recorded after
+/// the call's kernels. Fixed capacity: a call allocates nothing.
+#[derive(Debug)]
+pub(crate) struct CallViews {
+    devices: [(&'static str, Device); Self::CAPACITY],
+    bindings: [Binding; Self::CAPACITY],
+    len: usize,
+}
+
+impl CallViews {
+    /// More than any operation's views.
+    const CAPACITY: usize = 8;
+
+    pub(crate) fn new() -> Self {
+        Self {
+            devices: [("", Device::Cpu); Self::CAPACITY],
+            bindings: [Binding::ANY_STREAM; Self::CAPACITY],
+            len: 0,
+        }
+    }
+
+    /// Adds view `tensor` (on `device`, bound by `binding`).
+    pub(crate) fn with(mut self, tensor: &'static str, device: Device, binding: Binding) -> Self {
+        self.devices[self.len] = (tensor, device);
+        self.bindings[self.len] = binding;
+        self.len += 1;
+        self
+    }
+
+    /// The views' devices, in order, as [`CallShape::devices`](crate::CallShape).
+    pub(crate) fn devices(&self) -> &[(&'static str, Device)] {
+        &self.devices[..self.len]
+    }
+
+    /// Each view on `device` (named by the first that is not).
+    pub(crate) fn check_devices(&self, device: Device) -> Result<()> {
+        match self.devices().iter().find(|(_, d)| *d != device) {
+            Some(&(tensor, got)) => Err(crate::ScratchMismatch::Device {
+                tensor,
+                expected: device,
+                got,
+            }
+            .into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Each view usable on `stream` (named by the first that is not).
+    pub(crate) fn check_streams(&self, stream: &Stream<'_>) -> Result<()> {
+        self.devices()
+            .iter()
+            .zip(&self.bindings)
+            .try_for_each(|((tensor, _), binding)| binding.check(tensor, stream))
+    }
+
+    /// Records the cudarc events of the views that carry one, after the kernels.
+    pub(crate) fn record(&self, stream: &Stream<'_>) -> Result<()> {
+        self.bindings[..self.len]
+            .iter()
+            .try_for_each(|binding| binding.record(stream))
     }
 }

@@ -1,35 +1,62 @@
 //! The CUDA device: the same operations as [`crate::cpu`], as kernels queued on a
-//! stream.
+//! stream the caller chooses per call.
 //!
-//! The driver is loaded when the program runs (cudarc), so this module builds
-//! everywhere; where there is no driver or no GPU, [`CudaDevice::new`] returns
+//! The driver is loaded when the program runs (cudarc; feature `dynamic-loading`, the
+//! default), so this module builds everywhere; where there is no driver or no GPU,
+//! [`CudaDevice::new`] returns
 //! [`MoeError::DeviceUnavailable`](crate::MoeError::DeviceUnavailable) and callers
-//! use the CPU. With a scratch, a call validates on the host, queues its kernels and
-//! returns device views: it allocates nothing and never waits for the GPU, so calls
-//! can be captured in a CUDA graph and replayed.
+//! use the CPU.
+//!
+//! - [`CudaDevice`]: a context and the kernels, loaded once per context.
+//! - [`Stream`]: the stream one call runs on, borrowed per call.
+//! - Views ([`DeviceView`], [`DeviceRows`], ...): device memory a call reads or
+//!   writes, bound to the stream it may be used on (see [`memory`](DeviceView) and
+//!   `docs/architecture.md` for the ordering model and what is `unsafe`).
+//! - [`permute`], [`permute_into`], [`align`], [`unpermute_into`]: with a scratch, a
+//!   call validates on the host, queues its kernels and returns device views; it
+//!   allocates nothing and never waits for the GPU, so calls can be captured in a
+//!   CUDA graph and replayed.
+//! - [`DeviceStatus`]: bad input only the device can see, returned when the caller
+//!   checks (or after every call in checked mode).
+//! - [`launch()`]: the one `unsafe` launch of every kernel of the workspace.
+//! - [`allocating`]: the per-call-allocation baseline the benchmarks compare with.
 
 mod align;
 pub mod allocating;
-mod blas;
-mod block_ops;
 mod buffers;
 mod device;
 mod launch;
 mod memory;
+mod owned;
 mod permute;
+mod status;
 mod unpermute;
 
-pub(crate) use buffers::CudaBuffers;
+pub(crate) use buffers::{Carving, CudaBuffers};
 
 pub use align::{DeviceAlignOutput, align};
-pub use blas::{Blas, GemmOutput};
-pub use block_ops::{copy_device, router_topk, silu_mul};
-pub use device::CudaDevice;
+pub use buffers::{SCRATCH_ALIGNMENT, ScratchMemoryLayout};
+pub use device::{CudaDevice, CudaLibrary, Stream, StreamId};
+pub use launch::{Grid, MULTI_BLOCK_CHUNK, SINGLE_BLOCK_ENTRIES, launch, route_launches};
 pub use memory::{
     DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,
     DeviceViewMut,
 };
+pub use owned::DeviceBuffer;
 pub use permute::{
     DevicePermuteDest, DevicePermuteInput, DevicePermuteOutput, permute, permute_into,
 };
+pub use status::{DeviceStatus, StatusBuffer};
 pub use unpermute::{DeviceUnpermuteInput, unpermute_into};
+
+/// cudarc itself, for what the re-exports above do not cover (the version this crate
+/// is built with).
+pub use cudarc;
+/// The cudarc types that appear in this module's signatures, re-exported so that
+/// callers name the same version of them.
+pub use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError, ValidAsZeroBits,
+};
+/// The kernels' names and parameter blocks, for [`launch()`].
+pub use moe_kernels::{KernelParams, ParamsKind, kernels::Kernel};

@@ -1,12 +1,17 @@
-//! unpermute on a CUDA device: one block per token sums its kept rows.
+//! unpermute on a CUDA device: one block (or a few) per token sums its kept rows.
 
-use moe_kernels::kernels::{self, Float};
+use moe_kernels::kernels::{Float, Kernel};
 use moe_kernels::{ROW_THREADS, UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams, blocks_per_row};
 
-use super::device::CudaDevice;
-use super::launch::launch;
-use super::memory::{DeviceRows, DeviceRowsMut, DeviceView};
-use crate::{DType, MoeError, Result, ScratchMismatch};
+use super::device::Stream;
+use super::launch::{Grid, launch};
+use super::memory::{CallViews, DeviceRows, DeviceRowsMut, DeviceView};
+use super::status::{DeviceStatus, StatusOp};
+use crate::unpermute_check::UnpermuteShape;
+use crate::{DType, MoeError, Result};
+
+/// The element types unpermute sums.
+const SUMMABLE: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 
 /// The inputs of unpermute, in device memory.
 #[derive(Clone, Copy, Debug)]
@@ -15,19 +20,23 @@ pub struct DeviceUnpermuteInput<'a> {
     pub permuted_hidden_states: DeviceRows<'a>,
     /// `[N*K]` from permute.
     pub inv_permuted_idx: DeviceView<'a, i32>,
-    /// `[L + 1]` from permute: the last element is the valid count (clamped to `R`).
+    /// `[L + 1]` from permute: the last element is the valid count.
     pub expert_first_token_offset: DeviceView<'a, i64>,
     /// `[N*K]` router weights.
     pub topk_weights: DeviceView<'a, f32>,
     /// `K`.
     pub topk: usize,
+    /// Where a valid count outside `0..=R` or a negative row index is reported: the
+    /// permute's [`status`](super::DevicePermuteOutput::status), or a
+    /// [`StatusBuffer`](super::StatusBuffer)'s.
+    pub status: DeviceStatus<'a>,
 }
 
 /// Queues `out[t] = sum over kept k of w[t,k] * permuted[inv[t*K+k]]` (f32
-/// accumulation in ascending `k`, one rounding) on `device`'s stream. Allocates
-/// nothing and never waits for the device.
+/// accumulation in ascending `k`, one rounding) on `stream`. Allocates nothing and
+/// never waits for the device (but in checked mode).
 pub fn unpermute_into(
-    device: &CudaDevice,
+    stream: &Stream<'_>,
     input: &DeviceUnpermuteInput<'_>,
     out: DeviceRowsMut<'_>,
 ) -> Result<()> {
@@ -37,12 +46,12 @@ pub fn unpermute_into(
         DType::F32 => Float::F32,
         DType::F16 => Float::F16,
         DType::BF16 => Float::BF16,
-        other => {
-            return Err(MoeError::Dtype {
+        got => {
+            return Err(MoeError::UnsupportedDtype {
                 tensor: "permuted_hidden_states",
                 op: "unpermute",
-                expected: DType::BF16,
-                got: other,
+                got,
+                supported: SUMMABLE,
             });
         }
     };
@@ -54,64 +63,71 @@ pub fn unpermute_into(
             got: out_dtype,
         });
     }
-    let topk = input.topk;
-    let entries = input.inv_permuted_idx.len();
-    if topk == 0 || entries % topk != 0 || entries > i32::MAX as usize {
-        return Err(MoeError::Shape {
-            tensor: "inv_permuted_idx",
-            len: entries,
-            expected: format!("whole tokens of topk {topk} (at least 1), N*K within i32"),
-        });
-    }
-    if input.topk_weights.len() != entries {
-        return Err(MoeError::Shape {
-            tensor: "topk_weights",
-            len: input.topk_weights.len(),
-            expected: format!("N*K = {entries}, like inv_permuted_idx"),
-        });
-    }
-    if input.expert_first_token_offset.is_empty() {
-        return Err(MoeError::Shape {
-            tensor: "expert_first_token_offset",
-            len: 0,
-            expected: "L + 1 >= 2 offsets".into(),
-        });
-    }
-    let num_tokens = entries / topk;
     let hidden = permuted.hidden_size();
-    if out_hidden != hidden || out.len() != num_tokens * permuted.row_bytes() {
+    if out_hidden != hidden {
         return Err(MoeError::Shape {
             tensor: "output",
             len: out.len() / out_dtype.size_bytes(),
-            expected: format!("N*H = {num_tokens}*{hidden}"),
+            expected: format!("rows of hidden_size {hidden}, like permuted_hidden_states"),
         });
     }
-    let devices = [
-        ("permuted_hidden_states", permuted.bytes().device()),
-        ("inv_permuted_idx", input.inv_permuted_idx.device()),
-        (
+    let dims = UnpermuteShape {
+        permuted_len: permuted.bytes().len() / permuted.dtype().size_bytes(),
+        hidden_size: hidden,
+        inv_len: input.inv_permuted_idx.len(),
+        topk: input.topk,
+        weights_len: input.topk_weights.len(),
+        offsets_len: input.expert_first_token_offset.len(),
+        out_len: out.len() / out_dtype.size_bytes(),
+    }
+    .check()?;
+    let views = CallViews::new()
+        .with(
+            "permuted_hidden_states",
+            permuted.bytes().device(),
+            permuted.bytes().binding(),
+        )
+        .with(
+            "inv_permuted_idx",
+            input.inv_permuted_idx.device(),
+            input.inv_permuted_idx.binding(),
+        )
+        .with(
             "expert_first_token_offset",
             input.expert_first_token_offset.device(),
-        ),
-        ("topk_weights", input.topk_weights.device()),
-        ("output", out.device()),
-    ];
-    if let Some(&(tensor, got)) = devices.iter().find(|(_, d)| *d != device.device()) {
-        return Err(ScratchMismatch::Device {
-            tensor,
-            expected: device.device(),
-            got,
-        }
-        .into());
-    }
-    let rows = permuted.num_rows().min(i32::MAX as usize);
+            input.expert_first_token_offset.binding(),
+        )
+        .with(
+            "topk_weights",
+            input.topk_weights.device(),
+            input.topk_weights.binding(),
+        )
+        .with("output", out.device(), out.binding())
+        .with("status", input.status.device(), input.status.binding());
+    let device = stream.device();
+    views.check_devices(device.device())?;
+    views.check_streams(stream)?;
+    let (Ok(hidden_u32), Ok(num_offsets)) = (
+        u32::try_from(hidden),
+        u32::try_from(input.expert_first_token_offset.len()),
+    ) else {
+        return Err(MoeError::Shape {
+            tensor: "permuted_hidden_states",
+            len: hidden,
+            expected: "a hidden size and L + 1 within u32 on a CUDA device".into(),
+        });
+    };
+    let num_tokens = dims.num_tokens;
     let params = UnpermuteParams {
         num_tokens: num_tokens as u32,
-        topk: topk as u32,
-        hidden_size: hidden as u32,
-        num_rows: rows as u32,
-        num_offsets: input.expert_first_token_offset.len() as u32,
+        topk: input.topk as u32,
+        hidden_size: hidden_u32,
+        // More rows than i32 can index cannot be addressed by a valid count anyway.
+        num_rows: dims.rows.min(i32::MAX as usize) as u32,
+        num_offsets,
         _pad: 0,
+        call: StatusOp::Unpermute.next_call(),
+        status: input.status.address(),
         permuted_hidden_states: permuted.bytes().address(),
         inv_permuted_idx: input.inv_permuted_idx.address(),
         expert_offsets: input.expert_first_token_offset.address(),
@@ -131,11 +147,22 @@ pub fn unpermute_into(
         UNPERMUTE_VECTORS_PER_THREAD,
         num_tokens as u32,
     );
-    launch(
-        device,
-        kernels::unpermute(float, vector),
-        num_tokens as u32 * parts,
-        ROW_THREADS,
-        &params,
-    )
+    let Some(blocks) = (num_tokens as u32).checked_mul(parts) else {
+        return Err(MoeError::Shape {
+            tensor: "inv_permuted_idx",
+            len: input.inv_permuted_idx.len(),
+            expected: "fewer tokens than a grid can cover".into(),
+        });
+    };
+    let grid = Grid {
+        blocks,
+        threads: ROW_THREADS,
+    };
+    // SAFETY: every length checked against the others (`N` tokens of `K` entries and
+    // weights, `R` rows of `H`, `L + 1` offsets, an `[N, H]` output); the kernel
+    // clamps the valid count to `R` and skips negative rows, so it reads in bounds
+    // whatever the values; every view is usable on `stream`, where it is queued.
+    unsafe { launch(stream, Kernel::unpermute(float, vector), grid, &params)? };
+    views.record(stream)?;
+    input.status.after_call(stream)
 }

@@ -9,74 +9,49 @@
 //! then a whole block cannot be captured in a CUDA graph, while its permute and
 //! unpermute can.
 
+mod blas;
+mod kernels;
+
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 use moe_runtime::cuda::{
-    self, Blas, CudaDevice, DeviceExpertIds, DevicePermuteDest, DevicePermuteInput, DeviceRows,
-    DeviceRowsMut, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, DeviceViewMut,
+    self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteDest, DevicePermuteInput,
+    DeviceRows, DeviceRowsMut, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, Stream,
 };
-use moe_runtime::{DType, MoeError, ScratchConfig};
+use moe_runtime::{DType, ScratchConfig};
+
+pub use blas::{Blas, GemmOutput};
+pub use kernels::{copy_device, router_topk, silu_mul};
 
 use crate::shared::{ScratchGuard, ScratchSource, SharedWorkspace};
 use crate::{BlockOutput, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Result};
 
-fn driver(action: &'static str) -> impl Fn(cudarc::driver::DriverError) -> ExpertsError {
-    move |error| {
-        ExpertsError::Runtime(MoeError::Driver {
-            action,
-            error: error.to_string(),
-        })
-    }
-}
-
-fn upload<T: DeviceRepr + ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    host: &[T],
-) -> Result<CudaSlice<T>> {
-    if host.is_empty() {
-        return stream
-            .alloc_zeros(1)
-            .map_err(driver("allocate device memory"));
-    }
-    stream
-        .clone_htod(host)
-        .map_err(driver("copy weights to the device"))
-}
-
-fn zeros<T: DeviceRepr + ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
+fn zeros<T: cuda::DeviceRepr + cuda::ValidAsZeroBits>(
+    device: &CudaDevice,
     len: usize,
-) -> Result<CudaSlice<T>> {
-    stream
-        .alloc_zeros(len.max(1))
-        .map_err(driver("allocate the block's activations"))
+) -> Result<DeviceBuffer<T>> {
+    Ok(DeviceBuffer::zeros(device, len.max(1))?)
 }
 
 /// The block's device activations, sized for a number of tokens.
 #[derive(Debug)]
 struct Activations {
     tokens: usize,
-    hidden: CudaSlice<bf16>,
-    logits: CudaSlice<f32>,
-    topk_ids: CudaSlice<i32>,
-    topk_weights: CudaSlice<f32>,
+    hidden: DeviceBuffer<bf16>,
+    logits: DeviceBuffer<f32>,
+    topk_ids: DeviceBuffer<i32>,
+    topk_weights: DeviceBuffer<f32>,
     /// The grouped backend's own permuted activations (unused by Humming's).
-    permuted: CudaSlice<bf16>,
-    gate_up: CudaSlice<bf16>,
-    act: CudaSlice<bf16>,
-    expert_out: CudaSlice<bf16>,
-    out: CudaSlice<bf16>,
+    permuted: DeviceBuffer<bf16>,
+    gate_up: DeviceBuffer<bf16>,
+    act: DeviceBuffer<bf16>,
+    expert_out: DeviceBuffer<bf16>,
+    out: DeviceBuffer<bf16>,
 }
 
 impl Activations {
-    fn new(
-        stream: &Arc<CudaStream>,
-        config: &MoeConfig,
-        tokens: usize,
-        grouped: bool,
-    ) -> Result<Self> {
+    fn new(device: &CudaDevice, config: &MoeConfig, tokens: usize, grouped: bool) -> Result<Self> {
         let (h, i, e, k) = (
             config.hidden_size,
             config.intermediate_size,
@@ -86,15 +61,15 @@ impl Activations {
         let entries = tokens * k;
         Ok(Self {
             tokens,
-            hidden: zeros(stream, tokens * h)?,
-            logits: zeros(stream, tokens * e)?,
-            topk_ids: zeros(stream, entries)?,
-            topk_weights: zeros(stream, entries)?,
-            permuted: zeros(stream, if grouped { entries * h } else { 0 })?,
-            gate_up: zeros(stream, entries * 2 * i)?,
-            act: zeros(stream, entries * i)?,
-            expert_out: zeros(stream, entries * h)?,
-            out: zeros(stream, tokens * h)?,
+            hidden: zeros(device, tokens * h)?,
+            logits: zeros(device, tokens * e)?,
+            topk_ids: zeros(device, entries)?,
+            topk_weights: zeros(device, entries)?,
+            permuted: zeros(device, if grouped { entries * h } else { 0 })?,
+            gate_up: zeros(device, entries * 2 * i)?,
+            act: zeros(device, entries * i)?,
+            expert_out: zeros(device, entries * h)?,
+            out: zeros(device, tokens * h)?,
         })
     }
 }
@@ -106,11 +81,11 @@ pub struct CudaMoeBlock {
     config: MoeConfig,
     kind: ExpertsKind,
     blas: Blas,
-    router: CudaSlice<bf16>,
+    router: DeviceBuffer<bf16>,
     /// `[E, 2I, H]`: each expert's gate rows, then its up rows: one GEMM gives both.
-    gate_up: CudaSlice<bf16>,
+    gate_up: DeviceBuffer<bf16>,
     /// `[E, H, I]`.
-    down: CudaSlice<bf16>,
+    down: DeviceBuffer<bf16>,
     source: ScratchSource,
     activations: Option<Activations>,
 }
@@ -165,11 +140,10 @@ impl CudaMoeBlock {
             gate_up.extend_from_slice(&weights.gate_proj[expert * i * h..][..i * h]);
             gate_up.extend_from_slice(&weights.up_proj[expert * i * h..][..i * h]);
         }
-        let stream = device.stream().clone();
         Ok(Self {
-            router: upload(&stream, &weights.router)?,
-            gate_up: upload(&stream, &gate_up)?,
-            down: upload(&stream, &weights.down_proj)?,
+            router: DeviceBuffer::from_host(&device, &weights.router)?,
+            gate_up: DeviceBuffer::from_host(&device, &gate_up)?,
+            down: DeviceBuffer::from_host(&device, &weights.down_proj)?,
             blas: Blas::new(device)?,
             source: ScratchSource { workspace, request },
             activations: None,
@@ -207,75 +181,76 @@ impl CudaMoeBlock {
         Ok(())
     }
 
-    /// Runs the block on host `hidden_states` `[N, H]`: uploads them, queues the
-    /// block, and copies the output and the routing back.
-    pub fn forward(&mut self, hidden_states: &[bf16]) -> Result<BlockOutput> {
+    /// Runs the block on host `hidden_states` `[N, H]` on `stream`: uploads them,
+    /// queues the block, and copies the output and the routing back.
+    pub fn forward(&mut self, stream: &Stream<'_>, hidden_states: &[bf16]) -> Result<BlockOutput> {
         let (h, k) = (self.config.hidden_size, self.config.top_k);
-        if hidden_states.len() % h != 0 {
-            return Err(ExpertsError::Shape {
-                tensor: "hidden_states",
-                len: hidden_states.len(),
-                expected: format!("whole rows of hidden_size {h}"),
-            });
-        }
-        let tokens = hidden_states.len() / h;
-        let stream = self.device().stream().clone();
+        let tokens = self.tokens_of(hidden_states.len())?;
         self.reserve(tokens)?;
-        if tokens > 0 {
-            let activations = self.activations.as_mut().expect("reserved above");
-            let mut view = activations.hidden.slice_mut(0..tokens * h);
-            stream
-                .memcpy_htod(hidden_states, &mut view)
-                .map_err(driver("copy hidden states to the device"))?;
-        }
-        self.forward_reserved(tokens)?;
+        let activations = self.activations.as_mut().expect("reserved above");
+        activations.hidden.copy_from_host(stream, hidden_states)?;
+        self.forward_reserved(stream, tokens)?;
         let activations = self.activations.as_ref().expect("reserved above");
-        let hidden_states = DeviceView::new(&activations.out)
-            .prefix(tokens * h)
-            .to_host(&stream)?;
-        let topk_ids = DeviceView::new(&activations.topk_ids)
-            .prefix(tokens * k)
-            .to_host(&stream)?;
-        let topk_weights = DeviceView::new(&activations.topk_weights)
-            .prefix(tokens * k)
-            .to_host(&stream)?;
         Ok(BlockOutput {
-            hidden_states,
-            topk_ids,
-            topk_weights,
+            hidden_states: activations.out.view().prefix(tokens * h).to_host(stream)?,
+            topk_ids: activations
+                .topk_ids
+                .view()
+                .prefix(tokens * k)
+                .to_host(stream)?,
+            topk_weights: activations
+                .topk_weights
+                .view()
+                .prefix(tokens * k)
+                .to_host(stream)?,
         })
     }
 
-    /// Runs the block on hidden states already on the device, leaving the output in
-    /// the block's activations (read it with [`Self::output`]): what a serving stack
-    /// whose activations live on the GPU does. The input is copied once on the device.
-    pub fn forward_device(&mut self, hidden_states: DeviceView<'_, bf16>) -> Result<()> {
-        let h = self.config.hidden_size;
-        if hidden_states.len() % h != 0 {
-            return Err(ExpertsError::Shape {
-                tensor: "hidden_states",
-                len: hidden_states.len(),
-                expected: format!("whole rows of hidden_size {h}"),
-            });
-        }
-        let tokens = hidden_states.len() / h;
+    /// Runs the block on hidden states already on the device, on `stream`, leaving
+    /// the output in the block's activations (read it with [`Self::output`]): what a
+    /// serving stack whose activations live on the GPU does. The input is copied once
+    /// on the device.
+    pub fn forward_device(
+        &mut self,
+        stream: &Stream<'_>,
+        hidden_states: DeviceView<'_, bf16>,
+    ) -> Result<()> {
+        let tokens = self.tokens_of(hidden_states.len())?;
         self.reserve(tokens)?;
         let activations = self.activations.as_mut().expect("reserved above");
-        if tokens > 0 {
-            cuda::copy_device(
-                self.blas.device(),
-                hidden_states,
-                DeviceViewMut::new(&mut activations.hidden).prefix(tokens * h),
-            )?;
-        }
-        self.forward_reserved(tokens)
+        copy_device(
+            stream,
+            hidden_states,
+            activations
+                .hidden
+                .view_mut()
+                .prefix(tokens * self.config.hidden_size),
+        )?;
+        self.forward_reserved(stream, tokens)
     }
 
     /// The output `[N, H]` of the last [`Self::forward_device`] call of `tokens` tokens.
     pub fn output(&self, tokens: usize) -> Option<DeviceView<'_, bf16>> {
         let activations = self.activations.as_ref()?;
-        (tokens <= activations.tokens)
-            .then(|| DeviceView::new(&activations.out).prefix(tokens * self.config.hidden_size))
+        (tokens <= activations.tokens).then(|| {
+            activations
+                .out
+                .view()
+                .prefix(tokens * self.config.hidden_size)
+        })
+    }
+
+    /// Tokens in `len` elements of hidden states: whole rows of `H`.
+    fn tokens_of(&self, len: usize) -> Result<usize> {
+        let h = self.config.hidden_size;
+        if len % h != 0 {
+            return Err(ExpertsError::Shape {
+                tensor: "hidden_states",
+                len,
+                expected: format!("whole rows of hidden_size {h}"),
+            });
+        }
+        Ok(len / h)
     }
 
     /// Makes sure the activations hold `tokens` tokens (allocating on first use and
@@ -284,42 +259,41 @@ impl CudaMoeBlock {
         if self.activations.as_ref().is_none_or(|a| a.tokens < tokens) {
             let size = tokens.max(self.source.request.max_num_tokens);
             let grouped = self.kind == ExpertsKind::Grouped;
-            let stream = self.device().stream().clone();
             self.activations = None;
-            self.activations = Some(Activations::new(&stream, &self.config, size, grouped)?);
+            let activations = Activations::new(self.blas.device(), &self.config, size, grouped)?;
+            self.activations = Some(activations);
         }
         Ok(())
     }
 
     /// The block on the first `tokens` rows already in `activations.hidden`.
-    fn forward_reserved(&mut self, tokens: usize) -> Result<()> {
+    fn forward_reserved(&mut self, stream: &Stream<'_>, tokens: usize) -> Result<()> {
         let (h, i, e, k) = (
             self.config.hidden_size,
             self.config.intermediate_size,
             self.config.num_experts,
             self.config.top_k,
         );
-        let device = self.blas.device().clone();
-        let stream = device.stream().clone();
         let entries = tokens * k;
         let activations = self.activations.as_mut().expect("reserved by the caller");
-        let hidden = DeviceView::new(&activations.hidden).prefix(tokens * h);
+        let hidden = activations.hidden.view().prefix(tokens * h);
 
         // Router: logits = hidden * router^T in f32, then softmax / top-k on the device.
         self.blas.matmul_nt(
+            stream,
             (tokens, e, h),
             hidden,
-            DeviceView::new(&self.router),
-            DeviceViewMut::new(&mut activations.logits).prefix(tokens * e),
+            self.router.view(),
+            activations.logits.view_mut().prefix(tokens * e),
         )?;
-        cuda::router_topk(
-            &device,
-            DeviceView::new(&activations.logits).prefix(tokens * e),
+        router_topk(
+            stream,
+            activations.logits.view().prefix(tokens * e),
             e,
             k,
             self.config.norm_topk_prob,
-            DeviceViewMut::new(&mut activations.topk_ids).prefix(entries),
-            DeviceViewMut::new(&mut activations.topk_weights).prefix(entries),
+            activations.topk_ids.view_mut().prefix(entries),
+            activations.topk_weights.view_mut().prefix(entries),
         )?;
 
         // Permute, into the backend's own buffer or the scratch's.
@@ -327,7 +301,7 @@ impl CudaMoeBlock {
         let input = DevicePermuteInput::new(
             DeviceRows::new(hidden, h)?,
             DeviceTopkIds::new(
-                DeviceExpertIds::I32(DeviceView::new(&activations.topk_ids).prefix(entries)),
+                DeviceExpertIds::I32(activations.topk_ids.view().prefix(entries)),
                 k,
             )?,
         );
@@ -335,50 +309,61 @@ impl CudaMoeBlock {
             ExpertsKind::Grouped => {
                 let dest = DevicePermuteDest {
                     hidden_states: DeviceRowsMut::new(
-                        DeviceViewMut::new(&mut activations.permuted).prefix(entries * h),
+                        activations.permuted.view_mut().prefix(entries * h),
                         h,
                     )?,
                     scales: None,
                 };
-                cuda::permute_into(&mut scratch, &input, dest)?
+                cuda::permute_into(&mut scratch, stream, &input, dest)?
             }
-            _ => cuda::permute(&mut scratch, &input)?,
+            _ => cuda::permute(&mut scratch, stream, &input)?,
         };
         let rows = routed.permuted_hidden_states.typed::<bf16>()?;
 
         // The one host wait: each expert's row count, for one GEMM per expert.
-        let offsets = routed.expert_first_token_offset.to_host(&stream)?;
+        let offsets = routed.expert_first_token_offset.to_host(stream)?;
         let valid = offsets.last().map_or(0, |&v| v as usize);
-        let gate_up_w = DeviceView::new(&self.gate_up);
-        let down_w = DeviceView::new(&self.down);
+        let gate_up_w = self.gate_up.view();
+        let down_w = self.down.view();
         for (expert, bounds) in offsets.windows(2).enumerate() {
             let (first, end) = (bounds[0] as usize, bounds[1] as usize);
             if end > first {
                 self.blas.matmul_nt(
+                    stream,
                     (end - first, 2 * i, h),
-                    rows.range(first * h, (end - first) * h)?,
-                    gate_up_w.range(expert * 2 * i * h, 2 * i * h)?,
-                    DeviceViewMut::new(&mut activations.gate_up)
-                        .range(first * 2 * i, (end - first) * 2 * i)?,
+                    rows.range("permuted rows", first * h, (end - first) * h)?,
+                    gate_up_w.range("gate_up weights", expert * 2 * i * h, 2 * i * h)?,
+                    activations.gate_up.view_mut().range(
+                        "gate_up",
+                        first * 2 * i,
+                        (end - first) * 2 * i,
+                    )?,
                 )?;
             }
         }
-        cuda::silu_mul(
-            &device,
-            DeviceView::new(&activations.gate_up).prefix(valid * 2 * i),
+        silu_mul(
+            stream,
+            activations.gate_up.view().prefix(valid * 2 * i),
             valid,
             i,
-            DeviceViewMut::new(&mut activations.act).prefix(valid * i),
+            activations.act.view_mut().prefix(valid * i),
         )?;
         for (expert, bounds) in offsets.windows(2).enumerate() {
             let (first, end) = (bounds[0] as usize, bounds[1] as usize);
             if end > first {
                 self.blas.matmul_nt(
+                    stream,
                     (end - first, h, i),
-                    DeviceView::new(&activations.act).range(first * i, (end - first) * i)?,
-                    down_w.range(expert * h * i, h * i)?,
-                    DeviceViewMut::new(&mut activations.expert_out)
-                        .range(first * h, (end - first) * h)?,
+                    activations
+                        .act
+                        .view()
+                        .range("act", first * i, (end - first) * i)?,
+                    down_w.range("down weights", expert * h * i, h * i)?,
+                    activations.expert_out.view_mut().range(
+                        "expert_out",
+                        first * h,
+                        (end - first) * h,
+                    )?,
                 )?;
             }
         }
@@ -386,19 +371,17 @@ impl CudaMoeBlock {
         // The weighted combine.
         let combine = DeviceUnpermuteInput {
             permuted_hidden_states: DeviceRows::new(
-                DeviceView::new(&activations.expert_out).prefix(entries * h),
+                activations.expert_out.view().prefix(entries * h),
                 h,
             )?,
             inv_permuted_idx: routed.inv_permuted_idx,
             expert_first_token_offset: routed.expert_first_token_offset,
-            topk_weights: DeviceView::new(&activations.topk_weights).prefix(entries),
+            topk_weights: activations.topk_weights.view().prefix(entries),
             topk: k,
+            status: routed.status,
         };
-        let out = DeviceRowsMut::new(
-            DeviceViewMut::new(&mut activations.out).prefix(tokens * h),
-            h,
-        )?;
-        cuda::unpermute_into(&device, &combine, out)?;
+        let out = DeviceRowsMut::new(activations.out.view_mut().prefix(tokens * h), h)?;
+        cuda::unpermute_into(stream, &combine, out)?;
         Ok(())
     }
 }

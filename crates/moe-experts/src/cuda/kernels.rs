@@ -1,0 +1,191 @@
+//! The MoE block's own kernels around the expert GEMMs: the router and the
+//! activation (in `moe-kernels`, launched through the runtime's one launch layer).
+
+use half::bf16;
+use moe_kernels::{
+    ELEMENTWISE_THREADS, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K, ROUTER_THREADS, RouterParams,
+    SiluMulParams,
+};
+use moe_runtime::cuda::{self, DeviceView, DeviceViewMut, Grid, Kernel, Stream};
+
+use crate::{ExpertsError, Result};
+
+fn too_small(tensor: &'static str, len: usize, want: Option<usize>) -> Result<()> {
+    if want.is_none_or(|want| len < want) {
+        return Err(ExpertsError::Shape {
+            tensor,
+            len,
+            expected: match want {
+                Some(want) => format!("at least {want} elements"),
+                None => "a size that fits in usize".into(),
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Every view usable on `stream`, named by the first that is not.
+fn check_streams(stream: &Stream<'_>, views: &[(&'static str, Option<usize>)]) -> Result<()> {
+    match views
+        .iter()
+        .find(|(_, bound)| bound.is_some_and(|bound| bound != stream.id()))
+    {
+        Some(&(tensor, Some(bound))) => Err(moe_runtime::MoeError::StreamMismatch {
+            tensor,
+            bound,
+            call: stream.id(),
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Routes each token from its `E` f32 logits (`[N, E]`): the `K` largest (ties to the
+/// lower id), weighted by softmax probability, renormalised when `norm_topk_prob`.
+/// Writes `topk_ids` and `topk_weights` (`[N, K]`), on `stream`.
+pub fn router_topk(
+    stream: &Stream<'_>,
+    logits: DeviceView<'_, f32>,
+    num_experts: usize,
+    top_k: usize,
+    norm_topk_prob: bool,
+    topk_ids: DeviceViewMut<'_, i32>,
+    topk_weights: DeviceViewMut<'_, f32>,
+) -> Result<()> {
+    if num_experts == 0
+        || num_experts > ROUTER_MAX_EXPERTS as usize
+        || top_k == 0
+        || top_k > num_experts.min(ROUTER_MAX_TOP_K as usize)
+    {
+        return Err(ExpertsError::Config(format!(
+            "the GPU router takes 1..={ROUTER_MAX_EXPERTS} experts and top_k in 1..={} (got {num_experts} experts, top_k {top_k})",
+            ROUTER_MAX_TOP_K
+        )));
+    }
+    let tokens = logits.len() / num_experts;
+    too_small("topk_ids", topk_ids.len(), tokens.checked_mul(top_k))?;
+    too_small(
+        "topk_weights",
+        topk_weights.len(),
+        tokens.checked_mul(top_k),
+    )?;
+    check_streams(
+        stream,
+        &[
+            ("logits", logits.stream()),
+            ("topk_ids", topk_ids.stream()),
+            ("topk_weights", topk_weights.stream()),
+        ],
+    )?;
+    let Ok(num_tokens) = u32::try_from(tokens) else {
+        return Err(ExpertsError::Shape {
+            tensor: "logits",
+            len: logits.len(),
+            expected: "fewer tokens than a grid can cover".into(),
+        });
+    };
+    let params = RouterParams {
+        num_tokens,
+        num_experts: num_experts as u32,
+        top_k: top_k as u32,
+        norm_topk_prob: norm_topk_prob as u32,
+        logits: logits.address(),
+        topk_ids: topk_ids.address(),
+        topk_weights: topk_weights.address(),
+    };
+    let grid = Grid {
+        blocks: num_tokens.div_ceil(ROUTER_THREADS / 32),
+        threads: ROUTER_THREADS,
+    };
+    // SAFETY: `logits` holds `N*E` f32, the outputs `N*K` each (checked above); the
+    // grid is a warp per token; every view is usable on `stream`.
+    unsafe { cuda::launch(stream, Kernel::RouterTopk, grid, &params)? };
+    Ok(())
+}
+
+/// `out [rows, I] = bf16(SiLU(gate) * up)` from `gate_up [rows, 2I]` (each row's gate
+/// projection, then its up projection), in f32, on `stream`.
+pub fn silu_mul(
+    stream: &Stream<'_>,
+    gate_up: DeviceView<'_, bf16>,
+    rows: usize,
+    intermediate: usize,
+    out: DeviceViewMut<'_, bf16>,
+) -> Result<()> {
+    let elements = rows.checked_mul(intermediate);
+    too_small(
+        "gate_up",
+        gate_up.len(),
+        elements.and_then(|e| e.checked_mul(2)),
+    )?;
+    too_small("out", out.len(), elements)?;
+    check_streams(
+        stream,
+        &[("gate_up", gate_up.stream()), ("out", out.stream())],
+    )?;
+    let elements = elements.unwrap_or(0) as u64;
+    let blocks = elements.div_ceil(ELEMENTWISE_THREADS as u64);
+    let (Ok(blocks), Ok(rows), Ok(columns)) = (
+        u32::try_from(blocks),
+        u32::try_from(rows),
+        u32::try_from(intermediate),
+    ) else {
+        return Err(ExpertsError::Shape {
+            tensor: "out",
+            len: out.len(),
+            expected: "fewer elements than a grid can cover".into(),
+        });
+    };
+    let params = SiluMulParams {
+        rows,
+        columns,
+        gate_up: gate_up.address(),
+        out: out.address(),
+    };
+    let grid = Grid {
+        blocks,
+        threads: ELEMENTWISE_THREADS,
+    };
+    // SAFETY: `gate_up` holds `rows * 2I` and `out` `rows * I` bf16 (checked); a
+    // thread per output element; every view is usable on `stream`.
+    unsafe { cuda::launch(stream, Kernel::SiluMulBf16, grid, &params)? };
+    Ok(())
+}
+
+/// Copies `src` into `dst` (at least as long) on `stream`.
+pub fn copy_device<T: cuda::DeviceRepr>(
+    stream: &Stream<'_>,
+    src: DeviceView<'_, T>,
+    dst: DeviceViewMut<'_, T>,
+) -> Result<()> {
+    too_small("dst", dst.len(), Some(src.len()))?;
+    check_streams(stream, &[("src", src.stream()), ("dst", dst.stream())])?;
+    if src.is_empty() {
+        return Ok(());
+    }
+    stream
+        .device()
+        .context()
+        .bind_to_thread()
+        .map_err(|source| moe_runtime::MoeError::Driver {
+            action: "make the CUDA context current",
+            source,
+        })?;
+    // SAFETY: both ranges are device memory of at least `src.len()` elements (checked
+    // above), usable on `stream`; the views' borrows keep them alive and unaliased.
+    unsafe {
+        cuda::cudarc::driver::result::memcpy_dtod_async(
+            dst.address(),
+            src.address(),
+            src.len() * size_of::<T>(),
+            stream.cu_stream(),
+        )
+    }
+    .map_err(|source| {
+        moe_runtime::MoeError::Driver {
+            action: "copy device memory",
+            source,
+        }
+        .into()
+    })
+}
