@@ -857,6 +857,61 @@ fn views_are_refused_on_a_stream_they_are_not_bound_to() {
     );
 }
 
+#[test]
+fn cudarc_orders_its_own_work_on_other_streams_after_the_call() {
+    let Some((device, a)) = gpu() else { return };
+    // cudarc's default: the context tracks events once it has several streams.
+    let b = device.new_stream().unwrap();
+    assert!(device.context().is_event_tracking());
+    let stream_a = device.stream(&a).unwrap();
+    let case = Case {
+        scale_columns: 0,
+        ..layer_case()
+    };
+    let host = inputs(&case);
+    let want = expected(&case, &host);
+    let row_bytes = case.hidden * 2;
+    let entries = case.tokens * case.topk;
+    let hidden = a.clone_htod(&host.hidden).unwrap();
+    let ids: Vec<i32> = host.ids.iter().map(|&id| id as i32).collect();
+    let ids = a.clone_htod(&ids).unwrap();
+    let map = a.clone_htod(host.map.as_deref().unwrap()).unwrap();
+    let mut dest = a.alloc_zeros::<u8>(entries * row_bytes).unwrap();
+    // Keep stream `a` busy, so that the permute runs well after this thread moves on.
+    let big = a.alloc_zeros::<u8>(256 << 20).unwrap();
+    let mut big_copy = a.alloc_zeros::<u8>(256 << 20).unwrap();
+    for _ in 0..8 {
+        a.memcpy_dtod(&big, &mut big_copy).unwrap();
+    }
+    let mut scratch = PermuteScratch::with_cuda_device(
+        ScratchConfig::new(case.tokens, case.topk, case.experts, case.local, device.device()),
+        device.clone(),
+    )
+    .unwrap();
+    let input = DevicePermuteInput::new(
+        DeviceRows::from_bytes(DeviceView::new(&hidden), case.dtype, case.hidden).unwrap(),
+        DeviceTopkIds::new(DeviceExpertIds::I32(DeviceView::new(&ids)), case.topk).unwrap(),
+    )
+    .with_expert_map(DeviceView::new(&map));
+    let rows = DeviceRowsMut::from_bytes(
+        cuda::DeviceViewMut::new(&mut dest),
+        case.dtype,
+        case.hidden,
+    )
+    .unwrap();
+    let dest_view = DevicePermuteDest {
+        hidden_states: rows,
+        scales: None,
+    };
+    cuda::permute_into(&mut scratch, &stream_a, &input, dest_view).unwrap();
+    // cudarc, on the other stream, waits for the slice's last write: the permute's,
+    // recorded after its kernels, not the zeroing before it.
+    let got = b.clone_dtoh(&dest).unwrap();
+    let valid = *want.offsets.last().unwrap() as usize;
+    assert!(valid > 0);
+    assert!(got[..valid * row_bytes] == want.rows[..]);
+}
+
 fn inputs_for_round(case: &Case, round: u64) -> HostInputs {
     inputs(&Case {
         seed: case.seed + 1000 * (round + 1),
