@@ -227,16 +227,11 @@ pub(crate) unsafe fn unpermute<T: Float, const N: usize, const VEC: bool>(p: &Un
         }
         let valid = stored.clamp(0, p.num_rows as i64) as u32;
         let inv = (p.inv_permuted_idx as *const i32).add(token as usize * topk);
-        if block() % parts == 0 {
-            let mut k = thread();
-            while k < p.topk {
-                let row = *inv.add(k as usize);
-                if row < 0 {
-                    super::status::inv_entry(p.status, p.call, token * p.topk + k, row);
-                }
-                k += ROW_THREADS_U;
-            }
-        }
+        // Every thread reads all `K` row indices of its token in its first pass; the
+        // first thread of the token's first block reports the negative ones, from the
+        // registers the sum loads them into (a separate pass would add a load's
+        // latency to every token).
+        let reporter = block() % parts == 0 && thread() == 0;
         let weights = (p.topk_weights as *const f32).add(token as usize * topk);
         let permuted = p.permuted_hidden_states as *const T;
         let mut v = (block() % parts) * ROW_THREADS_U + thread();
@@ -252,7 +247,12 @@ pub(crate) unsafe fn unpermute<T: Float, const N: usize, const VEC: bool>(p: &Un
                 let mut kept = [false; LOADS_IN_FLIGHT];
                 for j in 0..LOADS_IN_FLIGHT {
                     if k + j < topk {
-                        let row = *inv.add(k + j) as u32;
+                        let row = *inv.add(k + j);
+                        if row < 0 && reporter {
+                            let position = token * p.topk + (k + j) as u32;
+                            super::status::inv_entry(p.status, p.call, position, row);
+                        }
+                        let row = row as u32;
                         if row < valid {
                             kept[j] = true;
                             w[j] = *weights.add(k + j);

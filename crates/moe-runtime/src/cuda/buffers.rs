@@ -172,8 +172,10 @@ pub(crate) struct CudaBuffers {
     carving: Carving,
     /// The stream of the calls so far; the first call binds a scratch that has none.
     bound: Option<StreamId>,
-    /// Recorded on the old stream when the scratch moves to another one.
-    handoff: CudaEvent,
+    /// Recorded on the old stream when the scratch moves to another one; made on the
+    /// first move (most scratches never move, and the allocating baseline builds one
+    /// per call).
+    handoff: Option<CudaEvent>,
     /// Checked mode: every call reads the status block back.
     pub(crate) checked: bool,
 }
@@ -272,16 +274,14 @@ impl CudaBuffers {
         carving: Carving,
         bound: Option<StreamId>,
     ) -> Result<Self> {
-        let handoff = device
-            .context()
-            .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
-            .map_err(driver_error("create an event"))?;
+        // No driver call here: the allocating baseline builds a scratch inside graph
+        // captures.
         Ok(Self {
             device,
             memory,
             carving,
             bound,
-            handoff,
+            handoff: None,
             checked: false,
         })
     }
@@ -361,14 +361,25 @@ impl CudaBuffers {
             .into());
         }
         self.device.bind_to_thread()?;
+        let handoff = match &self.handoff {
+            Some(event) => event.cu_event(),
+            None => {
+                let event = self
+                    .device
+                    .context()
+                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                    .map_err(driver_error("create an event"))?;
+                self.handoff.insert(event).cu_event()
+            }
+        };
         // SAFETY: the event is the scratch's; both streams are valid (the Stream
         // constructors' contract) and of this context (checked above).
         unsafe {
-            cudarc::driver::result::event::record(self.handoff.cu_event(), from.cu_stream())
+            cudarc::driver::result::event::record(handoff, from.cu_stream())
                 .map_err(driver_error("record an event"))?;
             cudarc::driver::result::stream::wait_event(
                 to.cu_stream(),
-                self.handoff.cu_event(),
+                handoff,
                 sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
             )
             .map_err(driver_error("make a stream wait for an event"))?;
