@@ -30,8 +30,13 @@ enum Storage {
 impl PermuteScratch {
     /// Checks `config` and allocates every buffer it implies on `config.device`; a
     /// CUDA scratch opens the device with a stream of its own ([`CudaDevice::new`]).
+    ///
+    /// Fails before allocating when the configuration is invalid
+    /// ([`ScratchConfig::check`]) or a buffer's size does not fit in usize
+    /// ([`MoeError::SizeOverflow`]); a buffer the device cannot give is
+    /// [`MoeError::OutOfMemory`].
     pub fn new(config: ScratchConfig) -> Result<Self> {
-        config.check()?;
+        config.check_buildable()?;
         let storage = match config.device {
             Device::Cpu => Storage::Cpu(Box::new(CpuBuffers::new(&config)?)),
             Device::Cuda(ordinal) => {
@@ -44,7 +49,7 @@ impl PermuteScratch {
     /// A CUDA scratch on `device`, whose stream every call with it will use (a
     /// serving stack's own stream, through [`CudaDevice::with_stream`]).
     pub fn with_cuda_device(config: ScratchConfig, device: Arc<CudaDevice>) -> Result<Self> {
-        config.check()?;
+        config.check_buildable()?;
         if config.device != device.device() {
             return Err(MoeError::Scratch(ScratchMismatch::Device {
                 tensor: "the scratch's CUDA device",

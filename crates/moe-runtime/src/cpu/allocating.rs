@@ -22,10 +22,19 @@ impl Permuted {
     pub fn output(&self) -> Result<PermuteOutput<'_>> {
         let config = self.scratch.config();
         let buffers: &CpuBuffers = self.scratch.cpu_buffers_ref()?;
-        let entries = config.max_entries();
-        let rows = &bytemuck::cast_slice(&buffers.permuted_rows)[..entries * self.spec.row_bytes()];
-        let scales = &buffers.permuted_scales[..entries * self.spec.scale_columns];
-        Ok(views(config, &buffers.index, self.spec, rows, scales))
+        let entries = config.max_entries()?;
+        // The scratch was built for exactly this spec and entry count.
+        let rows =
+            &bytemuck::cast_slice(&buffers.permuted_rows)[..self.spec.rows_bytes(entries)?];
+        let scales = &buffers.permuted_scales[..self.spec.scales_len(entries)?];
+        Ok(views(
+            config,
+            &buffers.index,
+            self.spec,
+            entries,
+            rows,
+            scales,
+        ))
     }
 }
 
@@ -52,8 +61,8 @@ pub fn permute(
 
 /// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` output.
 pub fn unpermute<T: Accumulate>(input: &UnpermuteInput<'_, T>) -> Result<Vec<T>> {
-    let (num_tokens, _) = input.check()?;
-    let mut out = vec![T::from_f32(0.0); num_tokens * input.hidden_size];
+    let checked = input.check()?;
+    let mut out = vec![T::from_f32(0.0); checked.output_len];
     unpermute_into(input, &mut out)?;
     Ok(out)
 }

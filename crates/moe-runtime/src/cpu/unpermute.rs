@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use crate::size::product;
 use crate::{Accumulate, MoeError, Result};
 
 /// Output bytes (one row and the `K` rows it sums) a parallel task handles at least.
@@ -28,9 +29,20 @@ pub struct UnpermuteInput<'a, T> {
     pub topk: usize,
 }
 
+/// What [`UnpermuteInput::check`] found.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Checked {
+    /// `N`.
+    pub(super) num_tokens: usize,
+    /// `expert_first_token_offset[L]`, at most the rows given.
+    pub(super) valid: usize,
+    /// `N*H`, the length of the output (fits in usize).
+    pub(super) output_len: usize,
+}
+
 impl<T> UnpermuteInput<'_, T> {
-    /// Checks every shape and index against the others; returns `(N, valid rows)`.
-    pub(super) fn check(&self) -> Result<(usize, usize)> {
+    /// Checks every shape and index against the others.
+    pub(super) fn check(&self) -> Result<Checked> {
         let hidden_size = self.hidden_size;
         if hidden_size == 0 || self.permuted_hidden_states.len() % hidden_size != 0 {
             return Err(MoeError::Shape {
@@ -78,7 +90,15 @@ impl<T> UnpermuteInput<'_, T> {
                 bound: "rows are never negative".into(),
             });
         }
-        Ok((entries / self.topk, valid as usize))
+        let num_tokens = entries / self.topk;
+        Ok(Checked {
+            num_tokens,
+            valid: valid as usize,
+            output_len: product(
+                "unpermute output elements (N * H)",
+                &[num_tokens, hidden_size],
+            )?,
+        })
     }
 }
 
@@ -86,9 +106,13 @@ impl<T> UnpermuteInput<'_, T> {
 /// accumulated in f32 in ascending `k` and rounded once to `T` (nearest even).
 /// A token whose entries were all dropped gets zeros. Allocates nothing.
 pub fn unpermute_into<T: Accumulate>(input: &UnpermuteInput<'_, T>, out: &mut [T]) -> Result<()> {
-    let (num_tokens, valid) = input.check()?;
+    let Checked {
+        num_tokens,
+        valid,
+        output_len,
+    } = input.check()?;
     let hidden_size = input.hidden_size;
-    if out.len() != num_tokens * hidden_size {
+    if out.len() != output_len {
         return Err(MoeError::Shape {
             tensor: "output",
             len: out.len(),
@@ -99,7 +123,9 @@ pub fn unpermute_into<T: Accumulate>(input: &UnpermuteInput<'_, T>, out: &mut [T
         return Ok(());
     }
     let topk = input.topk;
-    let bytes_per_token = hidden_size * size_of::<T>() * (topk + 1);
+    // Only a task size: saturating is exact enough (`out` holds N*H elements, so the
+    // row's bytes fit).
+    let bytes_per_token = (hidden_size * size_of::<T>()).saturating_mul(topk + 1);
     let tokens_per_task = (TASK_BYTES / bytes_per_token).max(1);
     let permuted = input.permuted_hidden_states;
     out.par_chunks_mut(tokens_per_task * hidden_size)

@@ -24,8 +24,8 @@ impl Permuted {
     pub fn output(&self) -> Result<DevicePermuteOutput<'_>> {
         let spec = self.spec;
         let (config, buffers) = self.scratch.cuda_buffers()?;
-        let entries = config.max_entries();
-        let rows = DeviceView::new(&buffers.permuted_rows).prefix(entries * spec.row_bytes());
+        let entries = config.max_entries()?;
+        let rows = DeviceView::new(&buffers.permuted_rows).prefix(spec.rows_bytes(entries)?);
         let scales = (spec.scale_columns > 0).then(|| {
             DeviceView::new(&buffers.permuted_scales).prefix(entries * spec.scale_columns)
         });

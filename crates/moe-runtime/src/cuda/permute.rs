@@ -116,7 +116,7 @@ pub fn permute<'s>(
     input.check(scratch, Some(spec))?;
     let (config, buffers) = scratch.cuda_buffers()?;
     let entries = input.topk_ids.ids().len();
-    let rows = DeviceView::new(&buffers.permuted_rows).prefix(entries * spec.row_bytes());
+    let rows = DeviceView::new(&buffers.permuted_rows).prefix(spec.rows_bytes(entries)?);
     let scales = (spec.scale_columns > 0)
         .then(|| DeviceView::new(&buffers.permuted_scales).prefix(entries * spec.scale_columns));
     enqueue(config, buffers, input, rows, scales)?;
@@ -151,7 +151,7 @@ pub fn permute_into<'o>(
     }
     let scales = dest.scales;
     let (config, buffers) = scratch.cuda_buffers()?;
-    let rows = rows.into_view().prefix(entries * spec.row_bytes());
+    let rows = rows.into_view().prefix(spec.rows_bytes(entries)?);
     let scales = scales.map(|scales| scales.into_view().prefix(entries * spec.scale_columns));
     enqueue(config, buffers, input, rows, scales)?;
     Ok(views(buffers, config, spec, rows, scales))
@@ -233,7 +233,9 @@ pub(super) fn views<'a>(
     rows: DeviceView<'a, u8>,
     scales: Option<DeviceView<'a, f32>>,
 ) -> DevicePermuteOutput<'a> {
-    let entries = rows.len() / spec.row_bytes();
+    let entries = spec
+        .row_bytes()
+        .map_or(0, |row_bytes| rows.len() / row_bytes.max(1));
     DevicePermuteOutput {
         permuted_hidden_states: DeviceRows::from_parts(rows, spec.dtype, spec.hidden_size),
         permuted_scales: scales.map(|s| DeviceScales::from_parts(s, spec.scale_columns)),
