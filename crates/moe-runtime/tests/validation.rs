@@ -694,7 +694,7 @@ fn dropped_tokens<'a>(
 }
 
 #[test]
-fn an_unpermute_output_too_large_to_count_is_an_error() {
+fn an_unpermute_output_too_large_to_count_or_allocate_is_an_error() {
     let (inv, weights) = ([0i32, 0], [0.5f32, 0.5]);
     // N*H = 2 * usize::MAX does not fit in usize.
     let input = dropped_tokens(&inv, &weights, usize::MAX);
@@ -704,6 +704,27 @@ fn an_unpermute_output_too_large_to_count_is_an_error() {
     };
     assert_eq!(error(cpu::unpermute_into(&input, &mut [])), overflow);
     assert_eq!(error(cpu::allocating::unpermute(&input)), overflow);
+    // It fits, but no machine has the memory: an error, as from a scratch, not an
+    // abort.
+    assert_eq!(
+        error(cpu::allocating::unpermute(&dropped_tokens(
+            &inv,
+            &weights,
+            1 << 49
+        ))),
+        MoeError::OutOfMemory {
+            buffer: "the unpermute output",
+            bytes: 1 << 52
+        }
+    );
+    assert!(matches!(
+        error(cpu::allocating::unpermute(&dropped_tokens(
+            &inv,
+            &weights,
+            1 << 61
+        ))),
+        MoeError::OutOfMemory { .. }
+    ));
     // And the allocating path still computes: all dropped, all zeros.
     let out = cpu::allocating::unpermute(&dropped_tokens(&inv, &weights, 3)).unwrap();
     assert_eq!(out, [0.0; 6]);

@@ -8,6 +8,7 @@
 use super::buffers::CpuBuffers;
 use super::permute::{PermuteInput, PermuteOutput, views};
 use super::unpermute::{UnpermuteInput, unpermute_into};
+use crate::size::zeroed;
 use crate::{Accumulate, Device, PermuteScratch, Result, RowSpec, ScratchConfig};
 
 /// The result of [`permute`]: a scratch sized for one call, holding its outputs.
@@ -60,9 +61,13 @@ pub fn permute(
 }
 
 /// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` output.
+///
+/// The output is allocated fallibly: an `N*H` that does not fit in usize is
+/// [`MoeError::SizeOverflow`](crate::MoeError::SizeOverflow), memory that cannot be
+/// had is [`MoeError::OutOfMemory`](crate::MoeError::OutOfMemory), as with a scratch.
 pub fn unpermute<T: Accumulate>(input: &UnpermuteInput<'_, T>) -> Result<Vec<T>> {
     let checked = input.check()?;
-    let mut out = vec![T::from_f32(0.0); checked.output_len];
+    let mut out = zeroed("the unpermute output", checked.output_len)?;
     unpermute_into(input, &mut out)?;
     Ok(out)
 }
