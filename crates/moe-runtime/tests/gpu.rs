@@ -16,7 +16,8 @@ use moe_runtime::cuda::{
     DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, DeviceViewMut,
 };
 use moe_runtime::{
-    DType, Device, MoeError, PermuteScratch, Rows, Scales, ScratchConfig, TopkIds, bf16, f16,
+    DType, Device, MoeError, PermuteScratch, Rows, Scales, ScratchConfig, ScratchMismatch, TopkIds,
+    bf16, f16,
 };
 
 /// The GPU, or `None` (after saying why) when there is none and none is required.
@@ -681,4 +682,26 @@ fn without_a_gpu_the_error_is_clear_and_the_cpu_is_chosen() {
             assert!(matches!(scratch, Err(MoeError::DeviceUnavailable { .. })));
         }
     }
+}
+
+#[test]
+fn index_overflow_is_reported_before_the_shapes() {
+    let Some(device) = gpu() else { return };
+    let stream = device.stream().clone();
+    // 2^31 ids of top-2 (8 GiB, never read): N*K does not fit in i32. The hidden states
+    // hold one row, which is wrong too: docs/contract.md puts IndexOverflow first.
+    let ids = stream.alloc_zeros::<i32>(1 << 31).unwrap();
+    let ids = DeviceTopkIds::new(DeviceExpertIds::I32(view(&ids, 1 << 31)), 2).unwrap();
+    let hidden = upload(&stream, &[0u8; 16]);
+    let rows = DeviceRows::from_bytes(view(&hidden, 16), DType::BF16, 8).unwrap();
+    let input = DevicePermuteInput::new(rows, ids);
+    let config = ScratchConfig::new(4, 2, 4, 4, device.device()).with_rows(8, DType::BF16);
+    let mut scratch = PermuteScratch::with_cuda_device(config, device.clone()).unwrap();
+    assert_eq!(
+        cuda::permute(&mut scratch, &input).unwrap_err(),
+        MoeError::Scratch(ScratchMismatch::IndexOverflow {
+            num_tokens: 1 << 30,
+            topk: 2
+        })
+    );
 }

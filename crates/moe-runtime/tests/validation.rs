@@ -381,6 +381,9 @@ fn inconsistent_input_shapes() {
             ..
         }
     ));
+    // Scales the scratch was built for (the scratch is checked first), of 3 tokens.
+    let config = config().with_rows(H, DType::BF16).with_scale_columns(1);
+    let mut scratch = PermuteScratch::new(config).unwrap();
     let data = hidden(2);
     let scales = [1.0f32; 3];
     let input = PermuteInput::new(Rows::new(&data, H).unwrap(), TopkIds::new(&ids, 2).unwrap())
@@ -728,4 +731,87 @@ fn an_unpermute_output_too_large_to_count_or_allocate_is_an_error() {
     // And the allocating path still computes: all dropped, all zeros.
     let out = cpu::allocating::unpermute(&dropped_tokens(&inv, &weights, 3)).unwrap();
     assert_eq!(out, [0.0; 6]);
+}
+
+/// `len` zero values of `T` in read-only pages of their own that are never touched:
+/// address space, neither memory nor swap (Linux does not account read-only private
+/// mappings, so this works on machines with less memory than `len` values take).
+#[cfg(unix)]
+struct ZeroPages {
+    address: *mut libc::c_void,
+    bytes: usize,
+}
+
+#[cfg(unix)]
+impl ZeroPages {
+    fn new(bytes: usize) -> Self {
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks; no memory
+        // the program uses is affected.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(address, libc::MAP_FAILED, "mapping {bytes} bytes of zeros");
+        Self { address, bytes }
+    }
+
+    fn as_slice<T: bytemuck::Pod>(&self) -> &[T] {
+        // SAFETY: the mapping is readable, zero-filled (a valid value of any `Pod`
+        // type), page-aligned (aligned for any `T`), `bytes` long, and lives as long
+        // as `self`.
+        unsafe { std::slice::from_raw_parts(self.address.cast(), self.bytes / size_of::<T>()) }
+    }
+}
+
+#[cfg(unix)]
+impl Drop for ZeroPages {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, which no borrow outlives.
+        unsafe { libc::munmap(self.address, self.bytes) };
+    }
+}
+
+#[test]
+#[cfg(unix)]
+fn index_overflow_is_reported_before_the_shapes() {
+    // 2^31 ids of top-2: N = 2^30, N*K = 2^31 does not fit in i32. The hidden states
+    // hold one row, which is wrong too: docs/contract.md puts IndexOverflow first.
+    let pages = ZeroPages::new(size_of::<i32>() << 31);
+    let ids = TopkIds::new(pages.as_slice::<i32>(), 2).unwrap();
+    assert_eq!(ids.num_tokens(), 1 << 30);
+    let data = hidden(1);
+    let input = PermuteInput::new(Rows::new(&data, H).unwrap(), ids).with_expert_map(&MAP);
+    let overflow = ScratchMismatch::IndexOverflow {
+        num_tokens: 1 << 30,
+        topk: 2,
+    };
+    let mut scratch = PermuteScratch::new(config().with_rows(H, DType::BF16)).unwrap();
+    assert_eq!(scratch_mismatch(permute(&mut scratch, &input)), overflow);
+    let mut rows = vec![bf16::ZERO; 8 * H];
+    let dest = PermuteDest {
+        hidden_states: RowsMut::new(&mut rows, H).unwrap(),
+        scales: None,
+    };
+    assert_eq!(
+        scratch_mismatch(permute_into(&mut scratch, &input, dest)),
+        overflow
+    );
+    // With the row count right, the shape is the first mismatch of a call that fits.
+    let ids = [0i32, 2, 3, 5];
+    let input = PermuteInput::new(Rows::new(&data, H).unwrap(), TopkIds::new(&ids, 2).unwrap())
+        .with_expert_map(&MAP);
+    assert!(matches!(
+        error(permute(&mut scratch, &input)),
+        MoeError::Shape {
+            tensor: "hidden_states",
+            len: 1,
+            ..
+        }
+    ));
 }

@@ -119,9 +119,11 @@ pub fn permute<'s>(
     scratch: &'s mut PermuteScratch,
     input: &PermuteInput<'_>,
 ) -> Result<PermuteOutput<'s>> {
-    input.check_shapes()?;
     let spec = input.row_spec();
+    // The scratch first: its first check, that N*K fits in i32, comes before anything
+    // else (docs/contract.md).
     scratch.validate(&input.call_shape(Some(spec)))?;
+    input.check_shapes()?;
     let (config, buffers) = scratch.cpu_buffers()?;
     check_expert_map(input.expert_map, config.num_local_experts)?;
     let entries = input.topk_ids.ids().len();
@@ -147,8 +149,9 @@ pub fn permute_into<'o>(
     input: &PermuteInput<'_>,
     dest: PermuteDest<'o>,
 ) -> Result<PermuteOutput<'o>> {
-    input.check_shapes()?;
+    // The scratch first, as in `permute`.
     scratch.validate(&input.call_shape(None))?;
+    input.check_shapes()?;
     let entries = input.topk_ids.ids().len();
     let spec = input.row_spec();
     let (rows, dtype, hidden_size) = dest.hidden_states.into_parts();

@@ -58,11 +58,6 @@ impl<'a> DevicePermuteInput<'a> {
 
     fn check(&self, scratch: &PermuteScratch, rows: Option<RowSpec>) -> Result<()> {
         let num_tokens = self.topk_ids.num_tokens();
-        RowSpec::check_input_rows(
-            num_tokens,
-            self.hidden_states.num_rows(),
-            self.scales.map(|scales| scales.num_rows()),
-        )?;
         let mut devices = vec![
             ("hidden_states", self.hidden_states.bytes().device()),
             ("topk_ids", self.topk_ids.ids().device()),
@@ -77,7 +72,12 @@ impl<'a> DevicePermuteInput<'a> {
             align: false,
             devices: &devices,
         })?;
-        Ok(())
+        // After the scratch, whose first check (N*K fits in i32) comes first.
+        RowSpec::check_input_rows(
+            num_tokens,
+            self.hidden_states.num_rows(),
+            self.scales.map(|scales| scales.num_rows()),
+        )
     }
 }
 
