@@ -11,6 +11,7 @@
 
 use half::bf16;
 use moe_runtime::cpu::{self, PermuteDest, PermuteInput, PermuteOutput, UnpermuteInput};
+use moe_runtime::size::{product, zeroed};
 use moe_runtime::{DType, Device, Rows, RowsMut, ScratchConfig, TopkIds};
 use ndarray::Array2;
 use rayon::prelude::*;
@@ -40,7 +41,7 @@ pub trait CpuExperts: Send + std::fmt::Debug {
 
 /// Each expert's MLP over its group of `rows` `[valid, H]` (groups from `offsets`),
 /// in parallel over experts: the grouped GEMMs.
-fn grouped_mlp(weights: &CpuWeights, rows: &[bf16], offsets: &[i64]) -> Vec<bf16> {
+fn grouped_mlp(weights: &CpuWeights, rows: &[bf16], offsets: &[i64]) -> Result<Vec<bf16>> {
     let hidden = weights.hidden;
     let groups: Vec<(usize, usize, usize)> = offsets
         .windows(2)
@@ -56,13 +57,16 @@ fn grouped_mlp(weights: &CpuWeights, rows: &[bf16], offsets: &[i64]) -> Vec<bf16
         })
         .collect();
     let valid = offsets.last().map_or(0, |&v| v as usize);
-    let mut out = vec![bf16::ZERO; valid * hidden];
+    let mut out = zeroed(
+        "the expert outputs",
+        product("expert outputs (valid rows * H)", &[valid, hidden])?,
+    )?;
     for (first, y) in outputs {
         for (dst, &v) in out[first * hidden..].iter_mut().zip(y.iter()) {
             *dst = bf16::from_f32(v);
         }
     }
-    out
+    Ok(out)
 }
 
 fn combine(
@@ -98,7 +102,7 @@ fn experts_and_combine(
     out: &mut [bf16],
 ) -> Result<()> {
     let rows = routed.permuted_hidden_states.as_slice::<bf16>()?;
-    let expert_rows = grouped_mlp(weights, rows, routed.expert_first_token_offset);
+    let expert_rows = grouped_mlp(weights, rows, routed.expert_first_token_offset)?;
     combine(
         &expert_rows,
         weights.hidden,
@@ -190,13 +194,15 @@ impl CpuExperts for GroupedExperts {
     ) -> Result<()> {
         let (h, k) = (self.base.hidden, self.base.topk);
         let ids = TopkIds::new(topk_ids, k)?;
-        let entries = topk_ids.len();
-        if self.permuted.len() < entries * h {
-            self.permuted.resize(entries * h, bf16::ZERO);
+        let len = product("permuted activations (N*K * H)", &[topk_ids.len(), h])?;
+        if self.permuted.len() < len {
+            // Released first: peak memory stays one buffer.
+            self.permuted = Vec::new();
+            self.permuted = zeroed("the grouped backend's permuted activations", len)?;
         }
         let mut scratch = self.base.source.get(ids.num_tokens())?;
         let dest = PermuteDest {
-            hidden_states: RowsMut::new(&mut self.permuted[..entries * h], h)?,
+            hidden_states: RowsMut::new(&mut self.permuted[..len], h)?,
             scales: None,
         };
         let input = PermuteInput::new(Rows::new(hidden, h)?, ids);
@@ -326,7 +332,10 @@ impl CpuExperts for IndexedExperts {
             })
             .collect();
         // Expert rows by padded position; each entry's position for the combine.
-        let mut expert_rows = vec![bf16::ZERO; padded * h];
+        let mut expert_rows = zeroed(
+            "the expert outputs",
+            product("expert outputs (padded rows * H)", &[padded, h])?,
+        )?;
         for (b, rows) in blocks.iter().enumerate() {
             expert_rows[b * block * h..][..rows.len()].copy_from_slice(rows);
         }

@@ -6,10 +6,11 @@
 
 use half::bf16;
 use moe_experts::{
-    CpuMoeBlock, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace, cpu::HummingExperts,
+    CpuMoeBlock, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace,
+    cpu::HummingExperts,
 };
 use moe_runtime::cpu::{self, PermuteInput};
-use moe_runtime::{Rows, TopkIds};
+use moe_runtime::{MoeError, Rows, TopkIds};
 
 fn round(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
@@ -143,7 +144,7 @@ fn configs() -> Vec<MoeConfig> {
 #[test]
 fn every_backend_matches_the_naive_block() {
     for (c, config) in configs().into_iter().enumerate() {
-        let weights = MoeWeights::random(&config, 100 + c as u64);
+        let weights = MoeWeights::random(&config, 100 + c as u64).unwrap();
         for kind in KINDS {
             let mut block =
                 CpuMoeBlock::new(config.clone(), &weights, kind, SharedWorkspace::new(), 64)
@@ -175,7 +176,9 @@ fn every_backend_matches_the_naive_block() {
 fn the_scratch_is_built_lazily_once_and_shared_by_layers() {
     let config = &configs()[0];
     let workspace = SharedWorkspace::new();
-    let layers: Vec<MoeWeights> = (0..3).map(|l| MoeWeights::random(config, l)).collect();
+    let layers: Vec<MoeWeights> = (0..3)
+        .map(|l| MoeWeights::random(config, l).unwrap())
+        .collect();
     let mut blocks: Vec<CpuMoeBlock> = layers
         .iter()
         .map(|w| {
@@ -226,7 +229,7 @@ fn the_scratch_is_built_lazily_once_and_shared_by_layers() {
 fn a_locked_workspace_refuses_a_larger_batch() {
     let config = &configs()[0];
     let workspace = SharedWorkspace::new();
-    let weights = MoeWeights::random(config, 5);
+    let weights = MoeWeights::random(config, 5).unwrap();
     let mut block = CpuMoeBlock::new(
         config.clone(),
         &weights,
@@ -246,4 +249,63 @@ fn a_locked_workspace_refuses_a_larger_batch() {
         .forward(&random_hidden(9, config.hidden_size, 3))
         .unwrap_err();
     assert!(error.to_string().contains("locked"), "{error}");
+}
+
+#[test]
+fn sizes_that_overflow_or_cannot_be_had_are_errors() {
+    // E*I*H = 2^65 does not fit in usize.
+    let config = MoeConfig {
+        hidden_size: 1 << 32,
+        intermediate_size: 1 << 32,
+        num_experts: 2,
+        top_k: 1,
+        norm_topk_prob: true,
+    };
+    let overflow = MoeError::SizeOverflow {
+        quantity: "expert weights (E * I * H)",
+        factors: vec![2, 1 << 32, 1 << 32],
+    };
+    match MoeWeights::random(&config, 1).unwrap_err() {
+        ExpertsError::Runtime(error) => assert_eq!(error, overflow),
+        other => panic!("{other}"),
+    }
+    let empty = MoeWeights {
+        hidden_size: 1 << 32,
+        intermediate_size: 1 << 32,
+        num_experts: 2,
+        router: Vec::new(),
+        gate_proj: Vec::new(),
+        up_proj: Vec::new(),
+        down_proj: Vec::new(),
+    };
+    let block = CpuMoeBlock::new(
+        config,
+        &empty,
+        ExpertsKind::Grouped,
+        SharedWorkspace::new(),
+        4,
+    );
+    match block.unwrap_err() {
+        ExpertsError::Runtime(error) => assert_eq!(error, overflow),
+        other => panic!("{other}"),
+    }
+    // 2^52 values of one expert's gate fit in usize, not in memory: an error, not an
+    // abort.
+    let config = MoeConfig {
+        hidden_size: 1,
+        intermediate_size: 1 << 52,
+        num_experts: 1,
+        top_k: 1,
+        norm_topk_prob: true,
+    };
+    match MoeWeights::repeating(&config, 1).unwrap_err() {
+        ExpertsError::Runtime(error) => assert_eq!(
+            error,
+            MoeError::OutOfMemory {
+                buffer: "gate_proj",
+                bytes: 1 << 53
+            }
+        ),
+        other => panic!("{other}"),
+    }
 }
