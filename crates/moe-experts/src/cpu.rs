@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::mlp::{CpuWeights, widen_rows};
 use crate::shared::{ScratchGuard, ScratchSource, SharedWorkspace};
-use crate::{MoeConfig, Result};
+use crate::{ExpertsError, MoeConfig, Result};
 
 /// An expert backend on the CPU.
 pub trait CpuExperts: Send + std::fmt::Debug {
@@ -29,6 +29,10 @@ pub trait CpuExperts: Send + std::fmt::Debug {
     fn use_workspace(&mut self, workspace: SharedWorkspace);
 
     /// `out [N, H] = sum over k of topk_weights[t,k] * expert(topk_ids[t,k])(hidden[t])`.
+    ///
+    /// `hidden`, `topk_weights` and `out` hold one row per token of `topk_ids`
+    /// (`[N, H]`, `[N, K]`, `[N, H]`), and `weights` are of the backend's shape; a call
+    /// that breaks any of these is an error, the same from every backend.
     fn apply(
         &mut self,
         weights: &CpuWeights,
@@ -120,6 +124,7 @@ struct Base {
     source: ScratchSource,
     topk: usize,
     hidden: usize,
+    experts: usize,
 }
 
 impl Base {
@@ -145,7 +150,41 @@ impl Base {
             },
             topk: config.top_k,
             hidden: config.hidden_size,
+            experts: config.num_experts,
         }
+    }
+
+    /// The checks every backend runs before any work, so that all of them refuse the
+    /// same calls with the same errors: `weights` are of the backend's shape,
+    /// `topk_ids` holds whole tokens of `K`, and `hidden`, `topk_weights` and `out`
+    /// hold one row each per token. Returns the checked `topk_ids`.
+    fn check_call<'a>(
+        &self,
+        weights: &CpuWeights,
+        hidden: &[bf16],
+        topk_ids: &'a [i32],
+        topk_weights: &[f32],
+        out: &[bf16],
+    ) -> Result<TopkIds<'a>> {
+        weights.check(self.hidden, self.experts)?;
+        let ids = TopkIds::new(topk_ids, self.topk)?;
+        let tokens = ids.num_tokens();
+        let rows = product("hidden_states elements (N * H)", &[tokens, self.hidden])?;
+        let shapes = [
+            ("hidden_states", hidden.len(), rows, "N*H"),
+            ("topk_weights", topk_weights.len(), topk_ids.len(), "N*K"),
+            ("output", out.len(), rows, "N*H"),
+        ];
+        for (tensor, len, expected, what) in shapes {
+            if len != expected {
+                return Err(ExpertsError::Shape {
+                    tensor,
+                    len,
+                    expected: format!("{what} = {expected}, for the {tokens} tokens of topk_ids"),
+                });
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -192,8 +231,10 @@ impl CpuExperts for GroupedExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
+        let ids = self
+            .base
+            .check_call(weights, hidden, topk_ids, topk_weights, out)?;
         let (h, k) = (self.base.hidden, self.base.topk);
-        let ids = TopkIds::new(topk_ids, k)?;
         let len = product("permuted activations (N*K * H)", &[topk_ids.len(), h])?;
         if self.permuted.len() < len {
             // Released first: peak memory stays one buffer.
@@ -249,8 +290,10 @@ impl CpuExperts for HummingExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
+        let ids = self
+            .base
+            .check_call(weights, hidden, topk_ids, topk_weights, out)?;
         let (h, k) = (self.base.hidden, self.base.topk);
-        let ids = TopkIds::new(topk_ids, k)?;
         let mut scratch = self.base.source.get(ids.num_tokens())?;
         let input = PermuteInput::new(Rows::new(hidden, h)?, ids);
         let routed = cpu::permute(&mut scratch, &input)?;
@@ -302,8 +345,10 @@ impl CpuExperts for IndexedExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
+        let ids = self
+            .base
+            .check_call(weights, hidden, topk_ids, topk_weights, out)?;
         let (h, k) = (self.base.hidden, self.base.topk);
-        let ids = TopkIds::new(topk_ids, k)?;
         let entries = topk_ids.len();
         let mut scratch = self.base.source.get(ids.num_tokens())?;
         let aligned = cpu::align(&mut scratch, &ids, None)?;
