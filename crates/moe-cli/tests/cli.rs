@@ -85,7 +85,7 @@ fn write_checkpoint(path: &Path, weights: &MoeWeights) {
 #[test]
 fn run_writes_the_block_output_and_routing() {
     let dir = temp_dir("run");
-    let weights = MoeWeights::random(&CONFIG, 11);
+    let weights = MoeWeights::random(&CONFIG, 11).unwrap();
     write_checkpoint(&dir.join("w.safetensors"), &weights);
     // f32 input: the output comes back in f32.
     let tokens = 5;
@@ -174,7 +174,10 @@ fn bad_input_is_one_line_and_a_failure() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("missing.safetensors"), "{stderr}");
 
-    write_checkpoint(&dir.join("w.safetensors"), &MoeWeights::random(&CONFIG, 2));
+    write_checkpoint(
+        &dir.join("w.safetensors"),
+        &MoeWeights::random(&CONFIG, 2).unwrap(),
+    );
     let (ok, _, stderr) = moe(&[
         "run",
         "--weights",

@@ -100,6 +100,9 @@ impl CpuMoeBlock {
             });
         }
         let tokens = hidden_states.len() / h;
+        // The router's `[N, E]` logits (and `[N, K]` routing, K <= E) are larger than
+        // the input when E > H: their size is checked first.
+        moe_runtime::size::product("router logits (N * E)", &[tokens, e])?;
         let logits = self
             .weights
             .router_logits(widen_rows(hidden_states, h).view());

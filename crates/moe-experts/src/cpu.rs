@@ -11,13 +11,14 @@
 
 use half::bf16;
 use moe_runtime::cpu::{self, PermuteDest, PermuteInput, PermuteOutput, UnpermuteInput};
+use moe_runtime::size::{product, zeroed};
 use moe_runtime::{DType, Device, Rows, RowsMut, ScratchConfig, TopkIds};
 use ndarray::Array2;
 use rayon::prelude::*;
 
 use crate::mlp::{CpuWeights, widen_rows};
 use crate::shared::{ScratchGuard, ScratchSource, SharedWorkspace};
-use crate::{MoeConfig, Result};
+use crate::{ExpertsError, MoeConfig, Result};
 
 /// An expert backend on the CPU.
 pub trait CpuExperts: Send + std::fmt::Debug {
@@ -28,6 +29,10 @@ pub trait CpuExperts: Send + std::fmt::Debug {
     fn use_workspace(&mut self, workspace: SharedWorkspace);
 
     /// `out [N, H] = sum over k of topk_weights[t,k] * expert(topk_ids[t,k])(hidden[t])`.
+    ///
+    /// `hidden`, `topk_weights` and `out` hold one row per token of `topk_ids`
+    /// (`[N, H]`, `[N, K]`, `[N, H]`), and `weights` are of the backend's shape; a call
+    /// that breaks any of these is an error, the same from every backend.
     fn apply(
         &mut self,
         weights: &CpuWeights,
@@ -40,7 +45,7 @@ pub trait CpuExperts: Send + std::fmt::Debug {
 
 /// Each expert's MLP over its group of `rows` `[valid, H]` (groups from `offsets`),
 /// in parallel over experts: the grouped GEMMs.
-fn grouped_mlp(weights: &CpuWeights, rows: &[bf16], offsets: &[i64]) -> Vec<bf16> {
+fn grouped_mlp(weights: &CpuWeights, rows: &[bf16], offsets: &[i64]) -> Result<Vec<bf16>> {
     let hidden = weights.hidden;
     let groups: Vec<(usize, usize, usize)> = offsets
         .windows(2)
@@ -56,13 +61,16 @@ fn grouped_mlp(weights: &CpuWeights, rows: &[bf16], offsets: &[i64]) -> Vec<bf16
         })
         .collect();
     let valid = offsets.last().map_or(0, |&v| v as usize);
-    let mut out = vec![bf16::ZERO; valid * hidden];
+    let mut out = zeroed(
+        "the expert outputs",
+        product("expert outputs (valid rows * H)", &[valid, hidden])?,
+    )?;
     for (first, y) in outputs {
         for (dst, &v) in out[first * hidden..].iter_mut().zip(y.iter()) {
             *dst = bf16::from_f32(v);
         }
     }
-    out
+    Ok(out)
 }
 
 fn combine(
@@ -98,7 +106,7 @@ fn experts_and_combine(
     out: &mut [bf16],
 ) -> Result<()> {
     let rows = routed.permuted_hidden_states.as_slice::<bf16>()?;
-    let expert_rows = grouped_mlp(weights, rows, routed.expert_first_token_offset);
+    let expert_rows = grouped_mlp(weights, rows, routed.expert_first_token_offset)?;
     combine(
         &expert_rows,
         weights.hidden,
@@ -116,6 +124,7 @@ struct Base {
     source: ScratchSource,
     topk: usize,
     hidden: usize,
+    experts: usize,
 }
 
 impl Base {
@@ -141,7 +150,41 @@ impl Base {
             },
             topk: config.top_k,
             hidden: config.hidden_size,
+            experts: config.num_experts,
         }
+    }
+
+    /// The checks every backend runs before any work, so that all of them refuse the
+    /// same calls with the same errors: `weights` are of the backend's shape,
+    /// `topk_ids` holds whole tokens of `K`, and `hidden`, `topk_weights` and `out`
+    /// hold one row each per token. Returns the checked `topk_ids`.
+    fn check_call<'a>(
+        &self,
+        weights: &CpuWeights,
+        hidden: &[bf16],
+        topk_ids: &'a [i32],
+        topk_weights: &[f32],
+        out: &[bf16],
+    ) -> Result<TopkIds<'a>> {
+        weights.check(self.hidden, self.experts)?;
+        let ids = TopkIds::new(topk_ids, self.topk)?;
+        let tokens = ids.num_tokens();
+        let rows = product("hidden_states elements (N * H)", &[tokens, self.hidden])?;
+        let shapes = [
+            ("hidden_states", hidden.len(), rows, "N*H"),
+            ("topk_weights", topk_weights.len(), topk_ids.len(), "N*K"),
+            ("output", out.len(), rows, "N*H"),
+        ];
+        for (tensor, len, expected, what) in shapes {
+            if len != expected {
+                return Err(ExpertsError::Shape {
+                    tensor,
+                    len,
+                    expected: format!("{what} = {expected}, for the {tokens} tokens of topk_ids"),
+                });
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -188,15 +231,19 @@ impl CpuExperts for GroupedExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
+        let ids = self
+            .base
+            .check_call(weights, hidden, topk_ids, topk_weights, out)?;
         let (h, k) = (self.base.hidden, self.base.topk);
-        let ids = TopkIds::new(topk_ids, k)?;
-        let entries = topk_ids.len();
-        if self.permuted.len() < entries * h {
-            self.permuted.resize(entries * h, bf16::ZERO);
+        let len = product("permuted activations (N*K * H)", &[topk_ids.len(), h])?;
+        if self.permuted.len() < len {
+            // Released first: peak memory stays one buffer.
+            self.permuted = Vec::new();
+            self.permuted = zeroed("the grouped backend's permuted activations", len)?;
         }
         let mut scratch = self.base.source.get(ids.num_tokens())?;
         let dest = PermuteDest {
-            hidden_states: RowsMut::new(&mut self.permuted[..entries * h], h)?,
+            hidden_states: RowsMut::new(&mut self.permuted[..len], h)?,
             scales: None,
         };
         let input = PermuteInput::new(Rows::new(hidden, h)?, ids);
@@ -243,8 +290,10 @@ impl CpuExperts for HummingExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
+        let ids = self
+            .base
+            .check_call(weights, hidden, topk_ids, topk_weights, out)?;
         let (h, k) = (self.base.hidden, self.base.topk);
-        let ids = TopkIds::new(topk_ids, k)?;
         let mut scratch = self.base.source.get(ids.num_tokens())?;
         let input = PermuteInput::new(Rows::new(hidden, h)?, ids);
         let routed = cpu::permute(&mut scratch, &input)?;
@@ -296,8 +345,10 @@ impl CpuExperts for IndexedExperts {
         topk_weights: &[f32],
         out: &mut [bf16],
     ) -> Result<()> {
+        let ids = self
+            .base
+            .check_call(weights, hidden, topk_ids, topk_weights, out)?;
         let (h, k) = (self.base.hidden, self.base.topk);
-        let ids = TopkIds::new(topk_ids, k)?;
         let entries = topk_ids.len();
         let mut scratch = self.base.source.get(ids.num_tokens())?;
         let aligned = cpu::align(&mut scratch, &ids, None)?;
@@ -326,7 +377,10 @@ impl CpuExperts for IndexedExperts {
             })
             .collect();
         // Expert rows by padded position; each entry's position for the combine.
-        let mut expert_rows = vec![bf16::ZERO; padded * h];
+        let mut expert_rows = zeroed(
+            "the expert outputs",
+            product("expert outputs (padded rows * H)", &[padded, h])?,
+        )?;
         for (b, rows) in blocks.iter().enumerate() {
             expert_rows[b * block * h..][..rows.len()].copy_from_slice(rows);
         }

@@ -5,7 +5,8 @@
 use half::bf16;
 use ndarray::{Array2, ArrayView2};
 
-use crate::MoeWeights;
+use crate::weights::check_lens;
+use crate::{ExpertsError, MoeWeights, Result};
 
 /// The weights widened to f32 once, so each GEMM runs in f32 (ndarray's
 /// matrixmultiply) on bf16 values.
@@ -44,6 +45,30 @@ impl CpuWeights {
             up: widen(&weights.up_proj),
             down: widen(&weights.down_proj),
         }
+    }
+
+    /// Checks that these are the weights of a layer of `hidden` and `experts` (a
+    /// backend's shape) and hold every value their sizes imply: [`Self::new`] takes any
+    /// [`MoeWeights`], checked or not.
+    pub(crate) fn check(&self, hidden: usize, experts: usize) -> Result<()> {
+        let dims = (self.hidden, self.experts);
+        if dims != (hidden, experts) {
+            return Err(ExpertsError::Config(format!(
+                "weights are (H, E) = {dims:?}, the backend is {:?}",
+                (hidden, experts)
+            )));
+        }
+        check_lens(
+            self.hidden,
+            self.intermediate,
+            self.experts,
+            [
+                self.router.len(),
+                self.gate.len(),
+                self.up.len(),
+                self.down.len(),
+            ],
+        )
     }
 
     fn matrix<'a>(

@@ -9,7 +9,8 @@ use crate::{ExpertsError, Result};
 /// `norm_topk_prob`. Writes `topk_ids` and `topk_weights` (`[N, K]` each).
 ///
 /// The GPU's `router_topk` kernel computes the same function. Fails, without writing,
-/// when `top_k` is not in `1..=num_experts` or the slices do not hold whole tokens.
+/// when `top_k` is not in `1..=num_experts`, `num_experts` does not fit in i32 or the
+/// slices do not hold whole tokens.
 pub fn route(
     logits: &[f32],
     num_experts: usize,
@@ -21,6 +22,11 @@ pub fn route(
     if top_k == 0 || top_k > num_experts {
         return Err(ExpertsError::Config(format!(
             "top_k {top_k} must be in 1..={num_experts} (num_experts)"
+        )));
+    }
+    if i32::try_from(num_experts).is_err() {
+        return Err(ExpertsError::Config(format!(
+            "num_experts {num_experts} does not fit in i32, the type of topk_ids"
         )));
     }
     let tokens = logits.len() / num_experts;
@@ -89,5 +95,13 @@ mod tests {
         assert!(route(&logits[..4], 5, 3, true, &mut ids, &mut weights).is_err());
         assert!((weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!((weights[0] - weights[1]).abs() < 1e-7);
+    }
+
+    #[test]
+    fn expert_ids_that_do_not_fit_in_i32_are_refused() {
+        // No token at all: nothing would be written, but any id could be wrong.
+        let error = route(&[], 1 << 31, 1, true, &mut [], &mut []).unwrap_err();
+        assert!(matches!(error, ExpertsError::Config(_)), "{error}");
+        assert!(route(&[], (1 << 31) - 1, 1, true, &mut [], &mut []).is_ok());
     }
 }

@@ -2,9 +2,53 @@
 //! checkpoint or made up for tests and benchmarks.
 
 use half::bf16;
+use moe_runtime::size::{product, zeroed};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{ExpertsError, MoeConfig, Result};
+
+/// Elements of each tensor of a layer of hidden size `h`, intermediate size `i` and
+/// `e` experts, in the order router, gate, up, down; checked, since all three are
+/// caller-given numbers.
+fn tensor_lens(h: usize, i: usize, e: usize) -> Result<[(&'static str, usize); 4]> {
+    let experts = product("expert weights (E * I * H)", &[e, i, h])?;
+    Ok([
+        ("router", product("router weights (E * H)", &[e, h])?),
+        ("gate_proj", experts),
+        ("up_proj", experts),
+        ("down_proj", experts),
+    ])
+}
+
+/// Checks that tensors of the given lengths (router, gate, up, down) are those of a
+/// layer of sizes `(h, i, e)`: the one check of weight lengths, for the weights as
+/// loaded and as the CPU backends hold them.
+pub(crate) fn check_lens(h: usize, i: usize, e: usize, lens: [usize; 4]) -> Result<()> {
+    for ((tensor, expected), len) in tensor_lens(h, i, e)?.into_iter().zip(lens) {
+        if len != expected {
+            return Err(ExpertsError::Shape {
+                tensor,
+                len,
+                expected: format!("{expected} elements"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `len` bf16 values from `value`, in host memory allocated fallibly (the length is
+/// computed from caller-given sizes).
+fn filled(
+    tensor: &'static str,
+    len: usize,
+    mut value: impl FnMut(usize) -> bf16,
+) -> Result<Vec<bf16>> {
+    let mut out: Vec<bf16> = zeroed(tensor, len)?;
+    for (index, out) in out.iter_mut().enumerate() {
+        *out = value(index);
+    }
+    Ok(out)
+}
 
 /// How a checkpoint names the tensors of a MoE layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,65 +150,85 @@ impl MoeWeights {
             }
         };
         let (h, i) = (hidden_size, intermediate_size);
+        // Every expert's tensors are there with their shapes before any memory is
+        // reserved for them: the sizes come from the file's header.
+        for expert in 0..num_experts {
+            let [gate, up, down] = layout.expert(prefix, expert);
+            for (name, shape) in [(gate, [i, h]), (up, [i, h]), (down, [h, i])] {
+                let got = shape_of(&file, &name, layout)?;
+                if got != shape {
+                    return Err(ExpertsError::TensorShape {
+                        name,
+                        expected: shape.to_vec(),
+                        got,
+                    });
+                }
+            }
+        }
+        // Sized from the header, but every tensor was just found with its shape, so the
+        // file holds at least as many values.
+        let [_, gate_len, up_len, down_len] = tensor_lens(h, i, num_experts)?;
         let mut weights = MoeWeights {
             hidden_size,
             intermediate_size,
             num_experts,
             router: read(&file, &router_name, &[num_experts, h], layout)?,
-            gate_proj: Vec::with_capacity(num_experts * i * h),
-            up_proj: Vec::with_capacity(num_experts * i * h),
-            down_proj: Vec::with_capacity(num_experts * h * i),
+            gate_proj: zeroed(gate_len.0, gate_len.1)?,
+            up_proj: zeroed(up_len.0, up_len.1)?,
+            down_proj: zeroed(down_len.0, down_len.1)?,
         };
+        // `per_expert * num_experts` fits: it is the length just allocated.
+        let per_expert = i * h;
         for expert in 0..num_experts {
             let [gate, up, down] = layout.expert(prefix, expert);
-            weights
-                .gate_proj
-                .extend(read(&file, &gate, &[i, h], layout)?);
-            weights.up_proj.extend(read(&file, &up, &[i, h], layout)?);
-            weights
-                .down_proj
-                .extend(read(&file, &down, &[h, i], layout)?);
+            let range = expert * per_expert..(expert + 1) * per_expert;
+            weights.gate_proj[range.clone()].copy_from_slice(&read(&file, &gate, &[i, h], layout)?);
+            weights.up_proj[range.clone()].copy_from_slice(&read(&file, &up, &[i, h], layout)?);
+            weights.down_proj[range].copy_from_slice(&read(&file, &down, &[h, i], layout)?);
         }
         Ok((weights, layout))
     }
 
     /// Random weights of the given sizes (a fixed seed gives the same weights), scaled
     /// like an initialised layer: entries of about `1/sqrt(fan_in)`.
-    pub fn random(config: &MoeConfig, seed: u64) -> Self {
+    ///
+    /// Sizes whose element counts do not fit in usize are
+    /// [`MoeError::SizeOverflow`](moe_runtime::MoeError::SizeOverflow), memory that
+    /// cannot be had is [`MoeError::OutOfMemory`](moe_runtime::MoeError::OutOfMemory).
+    pub fn random(config: &MoeConfig, seed: u64) -> Result<Self> {
         let (h, i, e) = (
             config.hidden_size,
             config.intermediate_size,
             config.num_experts,
         );
+        let [router, gate, up, down] = tensor_lens(h, i, e)?;
         let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut fill = |len: usize, fan_in: usize| -> Vec<bf16> {
+        let mut fill = |(tensor, len): (&'static str, usize), fan_in: usize| {
             let scale = 1.0 / (fan_in as f32).sqrt();
-            (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-                    bf16::from_f32(unit * scale * 1.7)
-                })
-                .collect()
+            filled(tensor, len, |_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                bf16::from_f32(unit * scale * 1.7)
+            })
         };
-        MoeWeights {
+        Ok(MoeWeights {
             hidden_size: h,
             intermediate_size: i,
             num_experts: e,
-            router: fill(e * h, h),
-            gate_proj: fill(e * i * h, h),
-            up_proj: fill(e * i * h, h),
-            down_proj: fill(e * h * i, i),
-        }
+            router: fill(router, h)?,
+            gate_proj: fill(gate, h)?,
+            up_proj: fill(up, h)?,
+            down_proj: fill(down, i)?,
+        })
     }
 
     /// Weights of the given sizes made from a 64 Ki-element random pattern repeated,
     /// each tensor starting at a different offset: non-zero, varied values at the cost
     /// of a copy, for benchmarks of full-size layers (whose time does not depend on the
-    /// values, but must not be measured on zeros).
-    pub fn repeating(config: &MoeConfig, seed: u64) -> Self {
+    /// values, but must not be measured on zeros). Fails as [`Self::random`] does.
+    pub fn repeating(config: &MoeConfig, seed: u64) -> Result<Self> {
         const PATTERN: usize = 1 << 16;
         let sample = MoeConfig {
             hidden_size: PATTERN,
@@ -173,24 +237,25 @@ impl MoeWeights {
             top_k: 1,
             norm_topk_prob: false,
         };
-        let pattern = Self::random(&sample, seed).router;
-        let tile = |len: usize, offset: usize| -> Vec<bf16> {
-            (0..len).map(|i| pattern[(i + offset) % PATTERN]).collect()
+        let pattern = Self::random(&sample, seed)?.router;
+        let tile = |(tensor, len): (&'static str, usize), offset: usize| {
+            filled(tensor, len, |i| pattern[(i % PATTERN + offset) % PATTERN])
         };
         let (h, i, e) = (
             config.hidden_size,
             config.intermediate_size,
             config.num_experts,
         );
-        MoeWeights {
+        let [router, gate, up, down] = tensor_lens(h, i, e)?;
+        Ok(MoeWeights {
             hidden_size: h,
             intermediate_size: i,
             num_experts: e,
-            router: tile(e * h, 0),
-            gate_proj: tile(e * i * h, 101),
-            up_proj: tile(e * i * h, 202),
-            down_proj: tile(e * h * i, 303),
-        }
+            router: tile(router, 0)?,
+            gate_proj: tile(gate, 101)?,
+            up_proj: tile(up, 202)?,
+            down_proj: tile(down, 303)?,
+        })
     }
 
     /// Checks the weights against a block configuration.
@@ -208,22 +273,17 @@ impl MoeWeights {
             )));
         }
         let (h, i, e) = dims;
-        let sizes = [
-            ("router", self.router.len(), e * h),
-            ("gate_proj", self.gate_proj.len(), e * i * h),
-            ("up_proj", self.up_proj.len(), e * i * h),
-            ("down_proj", self.down_proj.len(), e * h * i),
-        ];
-        for (tensor, len, expected) in sizes {
-            if len != expected {
-                return Err(ExpertsError::Shape {
-                    tensor,
-                    len,
-                    expected: format!("{expected} elements"),
-                });
-            }
-        }
-        Ok(())
+        check_lens(
+            h,
+            i,
+            e,
+            [
+                self.router.len(),
+                self.gate_proj.len(),
+                self.up_proj.len(),
+                self.down_proj.len(),
+            ],
+        )
     }
 }
 

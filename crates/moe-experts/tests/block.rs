@@ -5,11 +5,12 @@
 #![allow(clippy::needless_range_loop)]
 
 use half::bf16;
+use moe_experts::cpu::{CpuExperts, GroupedExperts, HummingExperts, IndexedExperts};
 use moe_experts::{
-    CpuMoeBlock, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace, cpu::HummingExperts,
+    CpuMoeBlock, CpuWeights, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace,
 };
 use moe_runtime::cpu::{self, PermuteInput};
-use moe_runtime::{Rows, TopkIds};
+use moe_runtime::{MoeError, Rows, TopkIds};
 
 fn round(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
@@ -20,12 +21,7 @@ fn round(x: f32) -> f32 {
 /// `down(SiLU(gate x) * up x)` with bf16 rounding after each GEMM and the activation;
 /// the weighted sum in f32 over ascending k, rounded once.
 fn reference(config: &MoeConfig, w: &MoeWeights, hidden: &[bf16]) -> (Vec<f32>, Vec<i32>) {
-    let (h, i, e, k) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.num_experts,
-        config.top_k,
-    );
+    let (h, e, k) = (config.hidden_size, config.num_experts, config.top_k);
     let f = |v: &[bf16], idx: usize| v[idx].to_f32();
     let tokens = hidden.len() / h;
     let mut out = vec![0.0f32; tokens * h];
@@ -56,23 +52,8 @@ fn reference(config: &MoeConfig, w: &MoeWeights, hidden: &[bf16]) -> (Vec<f32>, 
         let mut acc = vec![0.0f32; h];
         for (slot, &ex) in ids.iter().enumerate() {
             let weight = probs[slot] / denominator;
-            let mut act = vec![0.0f32; i];
-            for r in 0..i {
-                let mut g = 0.0f32;
-                let mut u = 0.0f32;
-                for c in 0..h {
-                    g += x[c] * f(&w.gate_proj, (ex * i + r) * h + c);
-                    u += x[c] * f(&w.up_proj, (ex * i + r) * h + c);
-                }
-                let (g, u) = (round(g), round(u));
-                act[r] = round(g / (1.0 + (-g).exp()) * u);
-            }
-            for c in 0..h {
-                let mut y = 0.0f32;
-                for r in 0..i {
-                    y += act[r] * f(&w.down_proj, (ex * h + c) * i + r);
-                }
-                acc[c] += weight * round(y);
+            for (acc, y) in acc.iter_mut().zip(expert_mlp(config, w, ex, &x)) {
+                *acc += weight * y;
             }
             all_ids.push(ex as i32);
         }
@@ -81,6 +62,33 @@ fn reference(config: &MoeConfig, w: &MoeWeights, hidden: &[bf16]) -> (Vec<f32>, 
         }
     }
     (out, all_ids)
+}
+
+/// Expert `ex`'s `down(SiLU(gate x) * up x)` on one token `x`, with bf16 rounding after
+/// each GEMM and the activation.
+fn expert_mlp(config: &MoeConfig, w: &MoeWeights, ex: usize, x: &[f32]) -> Vec<f32> {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let f = |v: &[bf16], idx: usize| v[idx].to_f32();
+    let mut act = vec![0.0f32; i];
+    for r in 0..i {
+        let mut g = 0.0f32;
+        let mut u = 0.0f32;
+        for c in 0..h {
+            g += x[c] * f(&w.gate_proj, (ex * i + r) * h + c);
+            u += x[c] * f(&w.up_proj, (ex * i + r) * h + c);
+        }
+        let (g, u) = (round(g), round(u));
+        act[r] = round(g / (1.0 + (-g).exp()) * u);
+    }
+    (0..h)
+        .map(|c| {
+            let mut y = 0.0f32;
+            for r in 0..i {
+                y += act[r] * f(&w.down_proj, (ex * h + c) * i + r);
+            }
+            round(y)
+        })
+        .collect()
 }
 
 fn random_hidden(tokens: usize, h: usize, seed: u64) -> Vec<bf16> {
@@ -143,7 +151,7 @@ fn configs() -> Vec<MoeConfig> {
 #[test]
 fn every_backend_matches_the_naive_block() {
     for (c, config) in configs().into_iter().enumerate() {
-        let weights = MoeWeights::random(&config, 100 + c as u64);
+        let weights = MoeWeights::random(&config, 100 + c as u64).unwrap();
         for kind in KINDS {
             let mut block =
                 CpuMoeBlock::new(config.clone(), &weights, kind, SharedWorkspace::new(), 64)
@@ -175,7 +183,9 @@ fn every_backend_matches_the_naive_block() {
 fn the_scratch_is_built_lazily_once_and_shared_by_layers() {
     let config = &configs()[0];
     let workspace = SharedWorkspace::new();
-    let layers: Vec<MoeWeights> = (0..3).map(|l| MoeWeights::random(config, l)).collect();
+    let layers: Vec<MoeWeights> = (0..3)
+        .map(|l| MoeWeights::random(config, l).unwrap())
+        .collect();
     let mut blocks: Vec<CpuMoeBlock> = layers
         .iter()
         .map(|w| {
@@ -226,7 +236,7 @@ fn the_scratch_is_built_lazily_once_and_shared_by_layers() {
 fn a_locked_workspace_refuses_a_larger_batch() {
     let config = &configs()[0];
     let workspace = SharedWorkspace::new();
-    let weights = MoeWeights::random(config, 5);
+    let weights = MoeWeights::random(config, 5).unwrap();
     let mut block = CpuMoeBlock::new(
         config.clone(),
         &weights,
@@ -246,4 +256,210 @@ fn a_locked_workspace_refuses_a_larger_batch() {
         .forward(&random_hidden(9, config.hidden_size, 3))
         .unwrap_err();
     assert!(error.to_string().contains("locked"), "{error}");
+}
+
+/// The three CPU backends, each with a workspace of its own.
+fn backends(config: &MoeConfig) -> Vec<Box<dyn CpuExperts>> {
+    vec![
+        Box::new(GroupedExperts::new(config, SharedWorkspace::new(), 8)),
+        Box::new(HummingExperts::new(config, SharedWorkspace::new(), 8)),
+        Box::new(IndexedExperts::new(config, SharedWorkspace::new(), 8, 16)),
+    ]
+}
+
+/// The error every backend gives for one call: the same from all three.
+fn same_error(
+    backends: &mut [Box<dyn CpuExperts>],
+    weights: &CpuWeights,
+    hidden: &[bf16],
+    ids: &[i32],
+    topk_weights: &[f32],
+    out_len: usize,
+) -> ExpertsError {
+    let mut errors: Vec<ExpertsError> = backends
+        .iter_mut()
+        .map(|backend| {
+            let mut out = vec![bf16::ZERO; out_len];
+            backend
+                .apply(weights, hidden, ids, topk_weights, &mut out)
+                .expect_err(backend.name())
+        })
+        .collect();
+    let first = errors.remove(0);
+    for other in &errors {
+        assert_eq!(other.to_string(), first.to_string());
+    }
+    first
+}
+
+#[test]
+fn every_backend_refuses_the_same_calls_that_do_not_fit_it() {
+    let config = configs()[1].clone();
+    let (h, k) = (config.hidden_size, config.top_k);
+    let weights = MoeWeights::random(&config, 21).unwrap();
+    let cpu_weights = CpuWeights::new(&weights);
+    let tokens = 5;
+    let hidden = random_hidden(tokens, h, 4);
+    // Any ids: one out of range (dropped), repeats across tokens.
+    let ids: Vec<i32> = (0..tokens * k).map(|f| (f * 7 % 33) as i32).collect();
+    let topk_weights: Vec<f32> = (0..tokens * k).map(|f| 0.1 + f as f32 / 40.0).collect();
+    let mut want = vec![0.0f32; tokens * h];
+    for t in 0..tokens {
+        let x: Vec<f32> = hidden[t * h..][..h].iter().map(|v| v.to_f32()).collect();
+        for slot in 0..k {
+            let ex = ids[t * k + slot] as usize;
+            if ex < config.num_experts {
+                for (c, y) in expert_mlp(&config, &weights, ex, &x)
+                    .into_iter()
+                    .enumerate()
+                {
+                    want[t * h + c] += topk_weights[t * k + slot] * y;
+                }
+            }
+        }
+    }
+    let mut backends = backends(&config);
+    for backend in &mut backends {
+        let mut out = vec![bf16::ZERO; tokens * h];
+        backend
+            .apply(&cpu_weights, &hidden, &ids, &topk_weights, &mut out)
+            .unwrap();
+        let error = relative_error(&out, &want);
+        assert!(error < 5e-3, "{}: {error}", backend.name());
+    }
+
+    let shape = |error: ExpertsError| match error {
+        ExpertsError::Shape { tensor, len, .. } => (tensor, len),
+        other => panic!("expected a shape error, got {other}"),
+    };
+    let n_h = tokens * h;
+    let mut check = |hidden: &[bf16], ids: &[i32], topk_weights: &[f32], out_len: usize| {
+        same_error(
+            &mut backends,
+            &cpu_weights,
+            hidden,
+            ids,
+            topk_weights,
+            out_len,
+        )
+    };
+    // A row fewer, a row more than topk_ids has tokens.
+    let fewer = &hidden[..n_h - h];
+    assert_eq!(
+        shape(check(fewer, &ids, &topk_weights, n_h)),
+        ("hidden_states", n_h - h)
+    );
+    let more = random_hidden(tokens + 1, h, 5);
+    assert_eq!(
+        shape(check(&more, &ids, &topk_weights, n_h)),
+        ("hidden_states", n_h + h)
+    );
+    // Weights and output of the wrong length.
+    let short = &topk_weights[1..];
+    assert_eq!(
+        shape(check(&hidden, &ids, short, n_h)),
+        ("topk_weights", tokens * k - 1)
+    );
+    assert_eq!(
+        shape(check(&hidden, &ids, &topk_weights, n_h + 1)),
+        ("output", n_h + 1)
+    );
+    // topk_ids that are not whole tokens.
+    assert!(matches!(
+        check(&hidden, &ids[1..], &topk_weights, n_h),
+        ExpertsError::Runtime(MoeError::Shape {
+            tensor: "topk_ids",
+            ..
+        })
+    ));
+
+    // Weights of another block: another hidden size, another expert count.
+    for other in [
+        MoeConfig {
+            hidden_size: h + 8,
+            ..config.clone()
+        },
+        MoeConfig {
+            num_experts: config.num_experts - 1,
+            ..config.clone()
+        },
+    ] {
+        let other = CpuWeights::new(&MoeWeights::random(&other, 22).unwrap());
+        let error = same_error(&mut backends, &other, &hidden, &ids, &topk_weights, n_h);
+        assert!(matches!(error, ExpertsError::Config(_)), "{error}");
+    }
+    // Weights whose tensors do not hold what their sizes say.
+    let mut truncated = weights.clone();
+    truncated.down_proj.pop();
+    let truncated = CpuWeights::new(&truncated);
+    assert_eq!(
+        shape(same_error(
+            &mut backends,
+            &truncated,
+            &hidden,
+            &ids,
+            &topk_weights,
+            n_h
+        )),
+        ("down_proj", weights.down_proj.len() - 1)
+    );
+}
+
+#[test]
+fn sizes_that_overflow_or_cannot_be_had_are_errors() {
+    // E*I*H = 2^65 does not fit in usize.
+    let config = MoeConfig {
+        hidden_size: 1 << 32,
+        intermediate_size: 1 << 32,
+        num_experts: 2,
+        top_k: 1,
+        norm_topk_prob: true,
+    };
+    let overflow = MoeError::SizeOverflow {
+        quantity: "expert weights (E * I * H)",
+        factors: vec![2, 1 << 32, 1 << 32],
+    };
+    match MoeWeights::random(&config, 1).unwrap_err() {
+        ExpertsError::Runtime(error) => assert_eq!(error, overflow),
+        other => panic!("{other}"),
+    }
+    let empty = MoeWeights {
+        hidden_size: 1 << 32,
+        intermediate_size: 1 << 32,
+        num_experts: 2,
+        router: Vec::new(),
+        gate_proj: Vec::new(),
+        up_proj: Vec::new(),
+        down_proj: Vec::new(),
+    };
+    let block = CpuMoeBlock::new(
+        config,
+        &empty,
+        ExpertsKind::Grouped,
+        SharedWorkspace::new(),
+        4,
+    );
+    match block.unwrap_err() {
+        ExpertsError::Runtime(error) => assert_eq!(error, overflow),
+        other => panic!("{other}"),
+    }
+    // 2^52 values of one expert's gate fit in usize, not in memory: an error, not an
+    // abort.
+    let config = MoeConfig {
+        hidden_size: 1,
+        intermediate_size: 1 << 52,
+        num_experts: 1,
+        top_k: 1,
+        norm_topk_prob: true,
+    };
+    match MoeWeights::repeating(&config, 1).unwrap_err() {
+        ExpertsError::Runtime(error) => assert_eq!(
+            error,
+            MoeError::OutOfMemory {
+                buffer: "gate_proj",
+                bytes: 1 << 53
+            }
+        ),
+        other => panic!("{other}"),
+    }
 }

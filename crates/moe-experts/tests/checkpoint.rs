@@ -71,7 +71,7 @@ fn checkpoint(
 
 #[test]
 fn both_layouts_and_dtypes_load_the_same_weights() {
-    let weights = MoeWeights::random(&CONFIG, 3);
+    let weights = MoeWeights::random(&CONFIG, 3).unwrap();
     for layout in [Layout::Mixtral, Layout::QwenMoe] {
         for f32_values in [false, true] {
             let bytes = checkpoint(&weights, layout, "model.layers.7", f32_values, None, None);
@@ -88,7 +88,7 @@ fn both_layouts_and_dtypes_load_the_same_weights() {
 
 #[test]
 fn a_missing_tensor_is_named() {
-    let weights = MoeWeights::random(&CONFIG, 4);
+    let weights = MoeWeights::random(&CONFIG, 4).unwrap();
     let missing = "model.layers.0.mlp.experts.2.up_proj.weight";
     let bytes = checkpoint(
         &weights,
@@ -108,7 +108,7 @@ fn a_missing_tensor_is_named() {
 
 #[test]
 fn a_misshapen_tensor_is_named_with_its_expected_shape() {
-    let weights = MoeWeights::random(&CONFIG, 5);
+    let weights = MoeWeights::random(&CONFIG, 5).unwrap();
     let bad = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
     let bytes = checkpoint(
         &weights,
@@ -136,7 +136,7 @@ fn a_misshapen_tensor_is_named_with_its_expected_shape() {
 
 #[test]
 fn a_prefix_without_a_moe_layer_is_an_error() {
-    let weights = MoeWeights::random(&CONFIG, 6);
+    let weights = MoeWeights::random(&CONFIG, 6).unwrap();
     let bytes = checkpoint(
         &weights,
         Layout::Mixtral,
@@ -153,4 +153,33 @@ fn a_prefix_without_a_moe_layer_is_an_error() {
         MoeWeights::from_safetensors(b"not a checkpoint", "model.layers.1").unwrap_err(),
         ExpertsError::Format(_)
     ));
+}
+
+#[test]
+fn sizes_in_a_header_reserve_nothing_before_every_tensor_is_found() {
+    // 2^20 experts of hidden size 1 and an expert 0 of intermediate size 2^20: an 8 MiB
+    // file whose header implies 2^40 values per projection (2 TiB each). Reserving
+    // them would abort the process; expert 1 is missing, and that is the error.
+    const BIG: usize = 1 << 20;
+    let values = vec![0u8; 2 * BIG];
+    let layout = Layout::QwenMoe;
+    let prefix = "model.layers.0";
+    let [gate, up, down] = layout.expert(prefix, 0);
+    let tensors = [
+        (layout.router(prefix), vec![BIG, 1]),
+        (gate, vec![BIG, 1]),
+        (up, vec![BIG, 1]),
+        (down, vec![1, BIG]),
+    ];
+    let views = tensors.iter().map(|(name, shape)| {
+        let view = TensorView::new(Dtype::BF16, shape.clone(), &values).unwrap();
+        (name.clone(), view)
+    });
+    let bytes = safetensors::serialize(views, None).unwrap();
+    match MoeWeights::from_safetensors(&bytes, prefix).unwrap_err() {
+        ExpertsError::MissingTensor { name, .. } => {
+            assert_eq!(name, layout.expert(prefix, 1)[0]);
+        }
+        other => panic!("{other}"),
+    }
 }

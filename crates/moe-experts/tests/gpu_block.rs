@@ -79,7 +79,7 @@ fn the_gpu_block_matches_the_cpu_block() {
     };
     let stream = device.stream(&cu_stream).unwrap();
     for (c, config) in configs().into_iter().enumerate() {
-        let weights = MoeWeights::random(&config, 40 + c as u64);
+        let weights = MoeWeights::random(&config, 40 + c as u64).unwrap();
         for kind in [ExpertsKind::Grouped, ExpertsKind::Humming] {
             let mut cpu_block =
                 CpuMoeBlock::new(config.clone(), &weights, kind, SharedWorkspace::new(), 64)
@@ -148,7 +148,7 @@ fn the_indexed_backend_is_refused_on_the_gpu() {
     let config = &configs()[0];
     let error = CudaMoeBlock::new(
         config.clone(),
-        &MoeWeights::random(config, 1),
+        &MoeWeights::random(config, 1).unwrap(),
         ExpertsKind::HummingIndexed { block_size: 16 },
         device.clone(),
         SharedWorkspace::on_cuda_device(device),
@@ -170,7 +170,7 @@ fn the_device_scratch_is_built_lazily_once_and_shared_by_layers() {
         .map(|l| {
             CudaMoeBlock::new(
                 config.clone(),
-                &MoeWeights::random(config, l),
+                &MoeWeights::random(config, l).unwrap(),
                 ExpertsKind::Humming,
                 device.clone(),
                 workspace.clone(),

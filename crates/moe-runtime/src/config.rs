@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConfigError, DType, Device, MoeError, ScratchMismatch};
+use crate::size::product;
+use crate::{ConfigError, DType, Device, MoeError, Result, ScratchMismatch};
 
 /// The largest index the runtime stores: `permuted_idx`, `inv_permuted_idx` and
 /// `sorted_ids` are `i32`, and `N*K` is itself the sentinel for dropped entries.
@@ -29,8 +30,26 @@ pub struct RowSpec {
 }
 
 impl RowSpec {
-    pub fn row_bytes(&self) -> usize {
-        self.hidden_size * self.dtype.size_bytes()
+    /// Bytes in one row, or [`MoeError::SizeOverflow`] when `hidden_size * dtype size`
+    /// does not fit in usize (the fields are public: any spec can be built).
+    pub fn row_bytes(&self) -> Result<usize> {
+        self.dtype.row_bytes(self.hidden_size)
+    }
+
+    /// Bytes of `rows` rows of this spec, checked.
+    pub(crate) fn rows_bytes(&self, rows: usize) -> Result<usize> {
+        product(
+            "permuted_hidden_states bytes (rows * hidden_size * dtype size)",
+            &[rows, self.hidden_size, self.dtype.size_bytes()],
+        )
+    }
+
+    /// Scales of `rows` rows of this spec, checked.
+    pub(crate) fn scales_len(&self, rows: usize) -> Result<usize> {
+        product(
+            "permuted_scales elements (rows * scale_columns)",
+            &[rows, self.scale_columns],
+        )
     }
 
     /// Checks a permute's inputs against `N`: one row of hidden states, and one of
@@ -39,7 +58,7 @@ impl RowSpec {
         num_tokens: usize,
         hidden_rows: usize,
         scale_rows: Option<usize>,
-    ) -> Result<(), MoeError> {
+    ) -> Result<()> {
         let mismatch = [("hidden_states", Some(hidden_rows)), ("scales", scale_rows)]
             .into_iter()
             .find(|(_, rows)| rows.is_some_and(|rows| rows != num_tokens));
@@ -63,7 +82,7 @@ impl RowSpec {
         hidden_size: usize,
         bytes: usize,
         scales_len: Option<usize>,
-    ) -> Result<(), MoeError> {
+    ) -> Result<()> {
         if dtype != self.dtype {
             return Err(MoeError::Dtype {
                 tensor: "permuted_hidden_states",
@@ -72,7 +91,7 @@ impl RowSpec {
                 got: dtype,
             });
         }
-        if hidden_size != self.hidden_size || bytes < entries * self.row_bytes() {
+        if hidden_size != self.hidden_size || bytes < self.rows_bytes(entries)? {
             return Err(MoeError::Shape {
                 tensor: "permuted_hidden_states",
                 len: bytes / dtype.size_bytes(),
@@ -80,17 +99,17 @@ impl RowSpec {
             });
         }
         let columns = self.scale_columns;
+        let needed = self.scales_len(entries)?;
         let scales_fit = match scales_len {
             None => columns == 0,
-            Some(len) => columns > 0 && len >= entries * columns,
+            Some(len) => columns > 0 && len >= needed,
         };
         if !scales_fit {
             return Err(MoeError::Shape {
                 tensor: "permuted_scales",
                 len: scales_len.unwrap_or(0),
                 expected: format!(
-                    "at least N*K*S = {} (given exactly when the input has scales)",
-                    entries * columns
+                    "at least N*K*S = {needed} (given exactly when the input has scales)"
                 ),
             });
         }
@@ -180,11 +199,41 @@ impl ScratchConfig {
     }
 
     /// `max_num_tokens * topk`: rows of the permuted buffers.
-    pub fn max_entries(&self) -> usize {
-        self.max_num_tokens * self.topk
+    ///
+    /// Checked, not saturating: a saturated count would size buffers for the wrong
+    /// number of rows. [`MoeError::SizeOverflow`] when the product does not fit in
+    /// usize; always `Ok` for a configuration that passed [`Self::check`] (which
+    /// refuses any count above `i32::MAX`).
+    pub fn max_entries(&self) -> Result<usize> {
+        product(
+            "max entries (max_num_tokens * topk)",
+            &[self.max_num_tokens, self.topk],
+        )
+    }
+
+    /// Bytes of the owned `permuted_hidden_states` and elements of `permuted_scales`
+    /// (both 0 without rows), checked.
+    pub(crate) fn row_buffer_sizes(&self) -> Result<(usize, usize)> {
+        let entries = self.max_entries()?;
+        match self.rows {
+            Some(rows) => Ok((rows.rows_bytes(entries)?, rows.scales_len(entries)?)),
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// What building a scratch checks before it allocates anything: [`Self::check`],
+    /// and that every buffer size the configuration implies fits in usize.
+    pub(crate) fn check_buildable(&self) -> Result<()> {
+        self.check()?;
+        self.row_buffer_sizes()?;
+        Ok(())
     }
 
     /// Checks that the configuration can be built; every index it implies fits in i32.
+    ///
+    /// The byte sizes of the owned rows are checked when a scratch is built
+    /// ([`MoeError::SizeOverflow`] when they do not fit in usize, then
+    /// [`MoeError::OutOfMemory`] when the memory cannot be had).
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.topk == 0 {
             return Err(ConfigError::ZeroTopk);
@@ -209,7 +258,10 @@ impl ScratchConfig {
         }
         let entries = self.max_num_tokens as u128 * self.topk as u128;
         let block = self.align_block_size.unwrap_or(1) as u128;
-        let rows = entries + entries.min(self.num_local_experts as u128) * (block - 1);
+        // Saturating: only a count far beyond i32 reaches u128::MAX, and it is refused
+        // the same way.
+        let rows =
+            entries.saturating_add(entries.min(self.num_local_experts as u128) * (block - 1));
         if rows > MAX_INDEX {
             return Err(ConfigError::IndexOverflow { rows });
         }

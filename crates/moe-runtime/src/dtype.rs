@@ -39,6 +39,16 @@ impl DType {
         }
     }
 
+    /// Bytes in a row of `hidden_size` elements: the one definition every view and
+    /// spec uses, checked ([`MoeError::SizeOverflow`](crate::MoeError::SizeOverflow)
+    /// when it does not fit in usize).
+    pub(crate) fn row_bytes(self, hidden_size: usize) -> crate::Result<usize> {
+        crate::size::product(
+            "row bytes (hidden_size * dtype size)",
+            &[hidden_size, self.size_bytes()],
+        )
+    }
+
     /// The short name used in kernel names, reports and benchmark ids.
     pub const fn name(self) -> &'static str {
         match self {

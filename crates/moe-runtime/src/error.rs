@@ -126,7 +126,7 @@ pub enum MoeError {
         value: i64,
         bound: String,
     },
-    #[error("cannot allocate {bytes} bytes for the scratch's {buffer}")]
+    #[error("cannot allocate {bytes} bytes for {buffer}")]
     OutOfMemory { buffer: &'static str, bytes: u128 },
     #[error("CUDA driver error while trying to {action}")]
     Driver {
@@ -168,6 +168,13 @@ pub enum MoeError {
         field: &'static str,
         current: String,
         requested: String,
+    },
+    #[error("{quantity}: the product of {factors:?} does not fit in usize")]
+    SizeOverflow {
+        /// What the product is, e.g. `"row bytes (hidden_size * dtype size)"`.
+        quantity: &'static str,
+        /// The caller-given numbers whose product overflowed.
+        factors: Vec<usize>,
     },
 }
 

@@ -43,7 +43,8 @@
 //!
 //! Architecture invariants: with a scratch, no operation allocates; every call is
 //! validated against its scratch before memory is touched; bad input is an error
-//! value, never a panic or an out-of-bounds access.
+//! value, never a panic or an out-of-bounds access; sizes computed from caller-given
+//! numbers, and host memory sized by them, go through [`size`] and fail as errors.
 
 mod config;
 pub mod cpu;
@@ -52,6 +53,7 @@ mod device;
 mod dtype;
 mod error;
 mod scratch;
+pub mod size;
 mod tensor;
 mod unpermute_check;
 mod workspace;

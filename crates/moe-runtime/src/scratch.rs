@@ -38,8 +38,13 @@ enum Storage {
 impl PermuteScratch {
     /// Checks `config` and allocates every buffer it implies on `config.device`; a
     /// CUDA scratch opens the device ([`CudaDevice::new`]).
+    ///
+    /// Fails before allocating when the configuration is invalid
+    /// ([`ScratchConfig::check`]) or a buffer's size does not fit in usize
+    /// ([`MoeError::SizeOverflow`]); a buffer the device cannot give is
+    /// [`MoeError::OutOfMemory`].
     pub fn new(config: ScratchConfig) -> Result<Self> {
-        config.check()?;
+        config.check_buildable()?;
         let storage = match config.device {
             Device::Cpu => Storage::Cpu(Box::new(CpuBuffers::new(&config)?)),
             Device::Cuda(ordinal) => {
@@ -248,7 +253,7 @@ impl PermuteScratch {
 
 /// A CUDA scratch's configuration names the device it is built on.
 fn check_cuda_device(config: &ScratchConfig, device: &CudaDevice) -> Result<()> {
-    config.check()?;
+    config.check_buildable()?;
     if config.device != device.device() {
         return Err(MoeError::Scratch(ScratchMismatch::Device {
             tensor: "the scratch's CUDA device",

@@ -31,6 +31,9 @@ fn whole_rows(tensor: &'static str, len: usize, columns: usize, what: &str) -> R
 
 /// A row-major `[N, H]` matrix of hidden states in host memory, of any [`DType`],
 /// seen as bytes: permute moves rows without looking at their elements.
+///
+/// `H >= 1` and a row's bytes fit in usize (checked on construction), so every
+/// accessor is total.
 #[derive(Clone, Copy, Debug)]
 pub struct Rows<'a> {
     bytes: &'a [u8],
@@ -40,8 +43,12 @@ pub struct Rows<'a> {
 
 impl<'a> Rows<'a> {
     /// Views `data` as rows of `hidden_size` elements.
+    ///
+    /// Fails when `data` is not whole rows, `hidden_size` is 0, or a row's bytes do
+    /// not fit in usize ([`MoeError::SizeOverflow`]).
     pub fn new<T: Element>(data: &'a [T], hidden_size: usize) -> Result<Self> {
         whole_rows("rows", data.len(), hidden_size, "hidden_size")?;
+        T::DTYPE.row_bytes(hidden_size)?;
         Ok(Self {
             bytes: bytemuck::cast_slice(data),
             dtype: T::DTYPE,
@@ -49,9 +56,10 @@ impl<'a> Rows<'a> {
         })
     }
 
-    /// Views raw bytes as rows of `hidden_size` elements of `dtype`.
+    /// Views raw bytes as rows of `hidden_size` elements of `dtype`, with the checks
+    /// of [`Self::new`].
     pub fn from_bytes(bytes: &'a [u8], dtype: DType, hidden_size: usize) -> Result<Self> {
-        let row_bytes = hidden_size.saturating_mul(dtype.size_bytes());
+        let row_bytes = dtype.row_bytes(hidden_size)?;
         whole_rows(
             "rows",
             bytes.len(),
@@ -65,7 +73,8 @@ impl<'a> Rows<'a> {
         })
     }
 
-    /// Views bytes the runtime sized itself: `bytes.len()` is a whole number of rows.
+    /// Views bytes the runtime sized itself from a validated view's spec: `H >= 1`, its
+    /// row bytes fit in usize and `bytes.len()` is a whole number of rows.
     pub(crate) fn from_parts(bytes: &'a [u8], dtype: DType, hidden_size: usize) -> Self {
         debug_assert!(hidden_size > 0 && bytes.len() % (hidden_size * dtype.size_bytes()) == 0);
         Self {
@@ -75,6 +84,7 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -84,15 +94,17 @@ impl<'a> Rows<'a> {
         self.hidden_size
     }
 
-    /// Bytes in one row.
+    /// Bytes in one row (at least 1; construction checked that it fits in usize).
     pub fn row_bytes(&self) -> usize {
         self.hidden_size * self.dtype.size_bytes()
     }
 
+    /// `N`, the number of rows.
     pub fn num_rows(&self) -> usize {
         self.bytes.len() / self.row_bytes()
     }
 
+    /// The rows as bytes.
     pub fn as_bytes(&self) -> &'a [u8] {
         self.bytes
     }
@@ -114,7 +126,8 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// A mutable row-major `[R, H]` destination for permuted rows.
+/// A mutable row-major `[R, H]` destination for permuted rows, with the invariants
+/// of [`Rows`].
 #[derive(Debug)]
 pub struct RowsMut<'a> {
     bytes: &'a mut [u8],
@@ -123,6 +136,8 @@ pub struct RowsMut<'a> {
 }
 
 impl<'a> RowsMut<'a> {
+    /// Views `data` as rows of `hidden_size` elements, with the checks of
+    /// [`Rows::new`].
     pub fn new<T: Element>(data: &'a mut [T], hidden_size: usize) -> Result<Self> {
         whole_rows(
             "permuted_hidden_states",
@@ -130,6 +145,7 @@ impl<'a> RowsMut<'a> {
             hidden_size,
             "hidden_size",
         )?;
+        T::DTYPE.row_bytes(hidden_size)?;
         Ok(Self {
             bytes: bytemuck::cast_slice_mut(data),
             dtype: T::DTYPE,
@@ -137,8 +153,10 @@ impl<'a> RowsMut<'a> {
         })
     }
 
+    /// Views raw bytes as rows of `hidden_size` elements of `dtype`, with the checks
+    /// of [`Rows::new`].
     pub fn from_bytes(bytes: &'a mut [u8], dtype: DType, hidden_size: usize) -> Result<Self> {
-        let row_bytes = hidden_size.saturating_mul(dtype.size_bytes());
+        let row_bytes = dtype.row_bytes(hidden_size)?;
         whole_rows(
             "permuted_hidden_states",
             bytes.len(),
@@ -152,14 +170,17 @@ impl<'a> RowsMut<'a> {
         })
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// `H`, elements in one row.
     pub fn hidden_size(&self) -> usize {
         self.hidden_size
     }
 
+    /// `R`, the number of rows (construction checked that a row's bytes fit in usize).
     pub fn num_rows(&self) -> usize {
         self.bytes.len() / (self.hidden_size * self.dtype.size_bytes())
     }

@@ -100,7 +100,11 @@ impl UnpermuteShape {
             });
         }
         let num_tokens = entries / self.topk;
-        if num_tokens.checked_mul(hidden_size) != Some(self.out_len) {
+        let out_len = crate::size::product(
+            "unpermute output elements (N * H)",
+            &[num_tokens, hidden_size],
+        )?;
+        if out_len != self.out_len {
             return Err(MoeError::Shape {
                 tensor: "output",
                 len: self.out_len,

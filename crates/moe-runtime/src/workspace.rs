@@ -43,6 +43,11 @@ impl ScratchWorkspace {
     ///
     /// Users of one workspace must agree on `topk`, the expert counts, the device and,
     /// where both ask for them, the owned rows and align block size.
+    ///
+    /// A request that cannot be served leaves the current scratch to the other users:
+    /// a configuration that cannot be built is refused before the scratch is released,
+    /// and when building the grown scratch fails (out of memory), the previous one is
+    /// built again before the error is returned.
     pub fn get(&mut self, request: &ScratchConfig) -> Result<&mut PermuteScratch> {
         let merged = match &self.scratch {
             Some(current) if current.config().covers(request) => None,
@@ -61,16 +66,41 @@ impl ScratchWorkspace {
                     },
                 });
             }
+            // A configuration that cannot be built fails here, while the scratch every
+            // other user shares is still in place.
+            merged.check_buildable()?;
             // Release the old buffers first: peak memory stays one scratch.
-            self.scratch = None;
-            self.scratch = Some(match (&self.cuda_device, merged.device) {
-                (Some(device), Device::Cuda(_)) => {
-                    PermuteScratch::with_cuda_device(merged, device.clone())?
+            let previous = self
+                .scratch
+                .take()
+                .map(|old| (old.config().clone(), old.cuda_device().cloned()));
+            match self.build(merged, None) {
+                Ok(scratch) => self.scratch = Some(scratch),
+                Err(error) => {
+                    // Out of memory, say: give the other users back the scratch they
+                    // had, on the device (and stream) it was on. Should even that fail,
+                    // the workspace is left empty and the next request builds anew.
+                    if let Some((config, device)) = previous {
+                        self.scratch = self.build(config, device).ok();
+                    }
+                    return Err(error);
                 }
-                _ => PermuteScratch::new(merged)?,
-            });
+            }
         }
         Ok(self.scratch.as_mut().expect("built above when absent"))
+    }
+
+    /// A scratch for `config`: on `device` when given, else on the workspace's CUDA
+    /// device for a CUDA configuration, else as [`PermuteScratch::new`] builds it.
+    fn build(
+        &self,
+        config: ScratchConfig,
+        device: Option<Arc<CudaDevice>>,
+    ) -> Result<PermuteScratch> {
+        match (device.or_else(|| self.cuda_device.clone()), config.device) {
+            (Some(device), Device::Cuda(_)) => PermuteScratch::with_cuda_device(config, device),
+            _ => PermuteScratch::new(config),
+        }
     }
 
     /// The scratch, if one was built.

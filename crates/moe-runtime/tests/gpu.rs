@@ -17,7 +17,8 @@ use moe_runtime::cuda::{
     Stream,
 };
 use moe_runtime::{
-    DType, Device, MoeError, PermuteScratch, Rows, Scales, ScratchConfig, TopkIds, bf16, f16,
+    DType, Device, MoeError, PermuteScratch, Rows, Scales, ScratchConfig, ScratchMismatch, TopkIds,
+    bf16, f16,
 };
 use support::{Rng, case_count, gpu};
 
@@ -884,7 +885,13 @@ fn cudarc_orders_its_own_work_on_other_streams_after_the_call() {
         a.memcpy_dtod(&big, &mut big_copy).unwrap();
     }
     let mut scratch = PermuteScratch::with_cuda_device(
-        ScratchConfig::new(case.tokens, case.topk, case.experts, case.local, device.device()),
+        ScratchConfig::new(
+            case.tokens,
+            case.topk,
+            case.experts,
+            case.local,
+            device.device(),
+        ),
         device.clone(),
     )
     .unwrap();
@@ -893,12 +900,9 @@ fn cudarc_orders_its_own_work_on_other_streams_after_the_call() {
         DeviceTopkIds::new(DeviceExpertIds::I32(DeviceView::new(&ids)), case.topk).unwrap(),
     )
     .with_expert_map(DeviceView::new(&map));
-    let rows = DeviceRowsMut::from_bytes(
-        cuda::DeviceViewMut::new(&mut dest),
-        case.dtype,
-        case.hidden,
-    )
-    .unwrap();
+    let rows =
+        DeviceRowsMut::from_bytes(cuda::DeviceViewMut::new(&mut dest), case.dtype, case.hidden)
+            .unwrap();
     let dest_view = DevicePermuteDest {
         hidden_states: rows,
         scales: None,
@@ -935,4 +939,28 @@ fn without_a_gpu_the_error_is_clear_and_the_cpu_is_chosen() {
             assert!(matches!(scratch, Err(MoeError::DeviceUnavailable { .. })));
         }
     }
+}
+
+#[test]
+fn index_overflow_is_reported_before_the_shapes() {
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
+    // 2^31 ids of top-2 (8 GiB, never read): N*K does not fit in i32. The hidden states
+    // hold one row, which is wrong too: docs/contract.md puts IndexOverflow first.
+    let ids = DeviceBuffer::<i32>::zeros(&device, 1 << 31).unwrap();
+    let ids = DeviceTopkIds::new(DeviceExpertIds::I32(ids.view()), 2).unwrap();
+    let hidden = upload(&device, &[0u8; 16]);
+    let rows = DeviceRows::from_bytes(hidden.view(), DType::BF16, 8).unwrap();
+    let input = DevicePermuteInput::new(rows, ids);
+    let config = ScratchConfig::new(4, 2, 4, 4, device.device()).with_rows(8, DType::BF16);
+    let mut scratch = PermuteScratch::with_cuda_device(config, device.clone()).unwrap();
+    assert_eq!(
+        cuda::permute(&mut scratch, &stream, &input).unwrap_err(),
+        MoeError::Scratch(ScratchMismatch::IndexOverflow {
+            num_tokens: 1 << 30,
+            topk: 2
+        })
+    );
 }

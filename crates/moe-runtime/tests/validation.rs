@@ -4,8 +4,8 @@ use moe_runtime::cpu::{
     self, PermuteDest, PermuteInput, UnpermuteInput, align, permute, permute_into,
 };
 use moe_runtime::{
-    CallShape, ConfigError, DType, Device, MoeError, PermuteScratch, Rows, RowsMut, Scales,
-    ScratchConfig, ScratchMismatch, TopkIds, bf16,
+    CallShape, ConfigError, DType, Device, MoeError, PermuteScratch, RowSpec, Rows, RowsMut,
+    Scales, ScratchConfig, ScratchMismatch, TopkIds, bf16,
 };
 
 const H: usize = 8;
@@ -346,12 +346,24 @@ fn a_scratch_larger_than_memory_is_an_error_not_an_abort() {
             bytes: 1 << 52
         }
     );
-    // More bytes than an address space has.
+    // More bytes than usize can count: refused before anything is allocated.
     let config = ScratchConfig::new(1 << 20, 1, 4, 4, Device::Cpu).with_rows(1 << 62, DType::F32);
-    assert!(matches!(
+    assert_eq!(
         PermuteScratch::new(config).unwrap_err(),
-        MoeError::OutOfMemory { .. }
-    ));
+        MoeError::SizeOverflow {
+            quantity: "permuted_hidden_states bytes (rows * hidden_size * dtype size)",
+            factors: vec![1 << 20, 1 << 62, 4]
+        }
+    );
+    // Fits in usize, but more than any allocation may have.
+    let config = ScratchConfig::new(1 << 20, 1, 4, 4, Device::Cpu).with_rows(1 << 41, DType::F32);
+    assert_eq!(
+        PermuteScratch::new(config).unwrap_err(),
+        MoeError::OutOfMemory {
+            buffer: "permuted_hidden_states",
+            bytes: 1 << 63
+        }
+    );
 }
 
 #[test]
@@ -369,6 +381,9 @@ fn inconsistent_input_shapes() {
             ..
         }
     ));
+    // Scales the scratch was built for (the scratch is checked first), of 3 tokens.
+    let config = config().with_rows(H, DType::BF16).with_scale_columns(1);
+    let mut scratch = PermuteScratch::new(config).unwrap();
     let data = hidden(2);
     let scales = [1.0f32; 3];
     let input = PermuteInput::new(Rows::new(&data, H).unwrap(), TopkIds::new(&ids, 2).unwrap())
@@ -533,6 +548,269 @@ fn unpermute_refuses_bad_indices_and_shapes() {
         error(cpu::unpermute_into(&base, &mut out)),
         MoeError::Shape {
             tensor: "output",
+            ..
+        }
+    ));
+}
+
+const ROW_BYTES: &str = "row bytes (hidden_size * dtype size)";
+
+fn row_overflow(hidden_size: usize, dtype: DType) -> MoeError {
+    MoeError::SizeOverflow {
+        quantity: ROW_BYTES,
+        factors: vec![hidden_size, dtype.size_bytes()],
+    }
+}
+
+#[test]
+fn views_refuse_a_row_size_that_overflows() {
+    // Empty data is whole rows of any size: only the row's byte count can refuse it.
+    let mut empty = [0.0f32; 0];
+    let mut no_bytes = [0u8; 0];
+    assert_eq!(
+        Rows::new(&empty, usize::MAX).unwrap_err(),
+        row_overflow(usize::MAX, DType::F32)
+    );
+    assert_eq!(
+        RowsMut::new(&mut empty, usize::MAX / 2).unwrap_err(),
+        row_overflow(usize::MAX / 2, DType::F32)
+    );
+    assert_eq!(
+        Rows::from_bytes(&no_bytes, DType::BF16, usize::MAX / 2 + 1).unwrap_err(),
+        row_overflow(usize::MAX / 2 + 1, DType::BF16)
+    );
+    assert_eq!(
+        RowsMut::from_bytes(&mut no_bytes, DType::F16, usize::MAX).unwrap_err(),
+        row_overflow(usize::MAX, DType::F16)
+    );
+    // A spec can be built by hand: its row bytes are checked too.
+    let spec = RowSpec {
+        hidden_size: usize::MAX,
+        dtype: DType::F32,
+        scale_columns: 0,
+    };
+    assert_eq!(
+        spec.row_bytes().unwrap_err(),
+        row_overflow(usize::MAX, DType::F32)
+    );
+    assert_eq!(
+        RowSpec {
+            hidden_size: 3,
+            ..spec
+        }
+        .row_bytes(),
+        Ok(12)
+    );
+
+    // The largest rows that fit are views like any other: every accessor answers.
+    let rows = Rows::from_bytes(&no_bytes, DType::F32, usize::MAX / 4).unwrap();
+    assert_eq!((rows.num_rows(), rows.row_bytes()), (0, usize::MAX / 4 * 4));
+    let rows = RowsMut::from_bytes(&mut no_bytes, DType::Fp8E4M3, usize::MAX).unwrap();
+    assert_eq!((rows.num_rows(), rows.hidden_size()), (0, usize::MAX));
+}
+
+#[test]
+fn a_call_of_no_tokens_with_the_largest_rows_moves_nothing() {
+    let h = usize::MAX / 4;
+    let no_rows: [f32; 0] = [];
+    let no_ids: [i32; 0] = [];
+    let input = PermuteInput::new(
+        Rows::new(&no_rows, h).unwrap(),
+        TopkIds::new(&no_ids, 2).unwrap(),
+    );
+    // A scratch for no tokens owns no row bytes, however wide its rows.
+    let config = ScratchConfig::new(0, 2, 4, 4, Device::Cpu).with_rows(h, DType::F32);
+    let mut scratch = PermuteScratch::new(config).unwrap();
+    let out = permute(&mut scratch, &input).unwrap();
+    assert_eq!(out.permuted_hidden_states.num_rows(), 0);
+    assert_eq!(out.expert_first_token_offset, &[0; 5]);
+    assert!(out.inv_permuted_idx.is_empty() && out.permuted_idx.is_empty());
+    let mut dest: [f32; 0] = [];
+    let dest = PermuteDest {
+        hidden_states: RowsMut::new(&mut dest, h).unwrap(),
+        scales: None,
+    };
+    let out = permute_into(&mut scratch, &input, dest).unwrap();
+    assert_eq!(out.num_valid_rows(), 0);
+    // A scratch for tokens of those rows would need more bytes than usize counts.
+    let config = ScratchConfig::new(4, 2, 4, 4, Device::Cpu).with_rows(h, DType::F32);
+    assert_eq!(
+        PermuteScratch::new(config).unwrap_err(),
+        MoeError::SizeOverflow {
+            quantity: "permuted_hidden_states bytes (rows * hidden_size * dtype size)",
+            factors: vec![8, h, 4]
+        }
+    );
+}
+
+#[test]
+fn max_entries_is_checked_for_any_configuration() {
+    assert_eq!(config().max_entries(), Ok(8));
+    let huge = ScratchConfig::new(usize::MAX, 2, 6, 4, Device::Cpu);
+    assert_eq!(
+        huge.max_entries(),
+        Err(MoeError::SizeOverflow {
+            quantity: "max entries (max_num_tokens * topk)",
+            factors: vec![usize::MAX, 2]
+        })
+    );
+    assert_eq!(
+        huge.check(),
+        Err(ConfigError::IndexOverflow {
+            rows: usize::MAX as u128 * 2
+        })
+    );
+    // Every count at its largest: the check answers instead of overflowing.
+    let largest = ScratchConfig::new(
+        usize::MAX,
+        usize::MAX,
+        i32::MAX as usize,
+        i32::MAX as usize,
+        Device::Cpu,
+    )
+    .with_align_block_size(usize::MAX);
+    assert_eq!(
+        largest.check(),
+        Err(ConfigError::IndexOverflow { rows: u128::MAX })
+    );
+    assert!(matches!(
+        PermuteScratch::new(largest).unwrap_err(),
+        MoeError::Config(ConfigError::IndexOverflow { .. })
+    ));
+}
+
+/// An unpermute of `num_tokens` tokens of top-1, all dropped, with rows of
+/// `hidden_size` f32: no expert output at all, so any `hidden_size` is consistent.
+fn dropped_tokens<'a>(
+    inv: &'a [i32],
+    weights: &'a [f32],
+    hidden_size: usize,
+) -> UnpermuteInput<'a, f32> {
+    UnpermuteInput {
+        permuted_hidden_states: &[],
+        hidden_size,
+        inv_permuted_idx: inv,
+        expert_first_token_offset: &[0, 0],
+        topk_weights: weights,
+        topk: 1,
+    }
+}
+
+#[test]
+fn an_unpermute_output_too_large_to_count_or_allocate_is_an_error() {
+    let (inv, weights) = ([0i32, 0], [0.5f32, 0.5]);
+    // N*H = 2 * usize::MAX does not fit in usize.
+    let input = dropped_tokens(&inv, &weights, usize::MAX);
+    let overflow = MoeError::SizeOverflow {
+        quantity: "unpermute output elements (N * H)",
+        factors: vec![2, usize::MAX],
+    };
+    assert_eq!(error(cpu::unpermute_into(&input, &mut [])), overflow);
+    assert_eq!(error(cpu::allocating::unpermute(&input)), overflow);
+    // It fits, but no machine has the memory: an error, as from a scratch, not an
+    // abort.
+    assert_eq!(
+        error(cpu::allocating::unpermute(&dropped_tokens(
+            &inv,
+            &weights,
+            1 << 49
+        ))),
+        MoeError::OutOfMemory {
+            buffer: "the unpermute output",
+            bytes: 1 << 52
+        }
+    );
+    assert!(matches!(
+        error(cpu::allocating::unpermute(&dropped_tokens(
+            &inv,
+            &weights,
+            1 << 61
+        ))),
+        MoeError::OutOfMemory { .. }
+    ));
+    // And the allocating path still computes: all dropped, all zeros.
+    let out = cpu::allocating::unpermute(&dropped_tokens(&inv, &weights, 3)).unwrap();
+    assert_eq!(out, [0.0; 6]);
+}
+
+/// `len` zero values of `T` in read-only pages of their own that are never touched:
+/// address space, neither memory nor swap (Linux does not account read-only private
+/// mappings, so this works on machines with less memory than `len` values take).
+#[cfg(unix)]
+struct ZeroPages {
+    address: *mut libc::c_void,
+    bytes: usize,
+}
+
+#[cfg(unix)]
+impl ZeroPages {
+    fn new(bytes: usize) -> Self {
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks; no memory
+        // the program uses is affected.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(address, libc::MAP_FAILED, "mapping {bytes} bytes of zeros");
+        Self { address, bytes }
+    }
+
+    fn as_slice<T: bytemuck::Pod>(&self) -> &[T] {
+        // SAFETY: the mapping is readable, zero-filled (a valid value of any `Pod`
+        // type), page-aligned (aligned for any `T`), `bytes` long, and lives as long
+        // as `self`.
+        unsafe { std::slice::from_raw_parts(self.address.cast(), self.bytes / size_of::<T>()) }
+    }
+}
+
+#[cfg(unix)]
+impl Drop for ZeroPages {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, which no borrow outlives.
+        unsafe { libc::munmap(self.address, self.bytes) };
+    }
+}
+
+#[test]
+#[cfg(unix)]
+fn index_overflow_is_reported_before_the_shapes() {
+    // 2^31 ids of top-2: N = 2^30, N*K = 2^31 does not fit in i32. The hidden states
+    // hold one row, which is wrong too: docs/contract.md puts IndexOverflow first.
+    let pages = ZeroPages::new(size_of::<i32>() << 31);
+    let ids = TopkIds::new(pages.as_slice::<i32>(), 2).unwrap();
+    assert_eq!(ids.num_tokens(), 1 << 30);
+    let data = hidden(1);
+    let input = PermuteInput::new(Rows::new(&data, H).unwrap(), ids).with_expert_map(&MAP);
+    let overflow = ScratchMismatch::IndexOverflow {
+        num_tokens: 1 << 30,
+        topk: 2,
+    };
+    let mut scratch = PermuteScratch::new(config().with_rows(H, DType::BF16)).unwrap();
+    assert_eq!(scratch_mismatch(permute(&mut scratch, &input)), overflow);
+    let mut rows = vec![bf16::ZERO; 8 * H];
+    let dest = PermuteDest {
+        hidden_states: RowsMut::new(&mut rows, H).unwrap(),
+        scales: None,
+    };
+    assert_eq!(
+        scratch_mismatch(permute_into(&mut scratch, &input, dest)),
+        overflow
+    );
+    // With the row count right, the shape is the first mismatch of a call that fits.
+    let ids = [0i32, 2, 3, 5];
+    let input = PermuteInput::new(Rows::new(&data, H).unwrap(), TopkIds::new(&ids, 2).unwrap())
+        .with_expert_map(&MAP);
+    assert!(matches!(
+        error(permute(&mut scratch, &input)),
+        MoeError::Shape {
+            tensor: "hidden_states",
+            len: 1,
             ..
         }
     ));

@@ -1,7 +1,10 @@
 //! One scratch shared by many layers: it grows while unlocked and never once locked.
 
-use moe_runtime::cpu::{self, PermuteInput};
-use moe_runtime::{DType, Device, MoeError, Rows, ScratchConfig, ScratchWorkspace, TopkIds, bf16};
+use moe_runtime::cpu::{self, PermuteDest, PermuteInput};
+use moe_runtime::{
+    ConfigError, DType, Device, MoeError, Rows, RowsMut, ScratchConfig, ScratchWorkspace, TopkIds,
+    bf16,
+};
 
 const H: usize = 64;
 
@@ -142,4 +145,76 @@ fn users_that_disagree_are_refused() {
             ..
         }
     ));
+}
+
+/// Permutes 3 tokens of top-2 into caller-owned rows through the workspace's scratch;
+/// returns the address of its `inv_permuted_idx` and the permuted rows.
+fn run_into(workspace: &mut ScratchWorkspace, config: &ScratchConfig) -> (usize, Vec<f32>) {
+    let hidden: Vec<f32> = (0..3 * 4).map(|i| i as f32).collect();
+    // Token 0 to experts 5 and 1, token 1 to 1 and 9 (dropped), token 2 to 0 and 5.
+    let ids = [5i64, 1, 1, 9, 0, 5];
+    let mut rows = vec![0.0f32; 6 * 4];
+    let scratch = workspace.get(config).unwrap();
+    let input = PermuteInput::new(
+        Rows::new(&hidden, 4).unwrap(),
+        TopkIds::new(&ids, 2).unwrap(),
+    );
+    let dest = PermuteDest {
+        hidden_states: RowsMut::new(&mut rows, 4).unwrap(),
+        scales: None,
+    };
+    let out = cpu::permute_into(scratch, &input, dest).unwrap();
+    assert_eq!(out.expert_first_token_offset, &[0, 1, 3, 3, 3, 3, 5, 5, 5]);
+    let address = out.inv_permuted_idx.as_ptr() as usize;
+    (address, rows[..5 * 4].to_vec())
+}
+
+#[test]
+fn a_request_that_cannot_be_served_leaves_the_scratch_to_the_others() {
+    let mut workspace = ScratchWorkspace::new();
+    let shared = ScratchConfig::new(16, 2, 8, 8, Device::Cpu);
+    let (address, rows) = run_into(&mut workspace, &shared);
+    // Rows by expert: 0 <- token 2; 1 <- tokens 0, 1; 5 <- tokens 0, 2.
+    let expected: Vec<f32> = [2, 0, 1, 0, 2]
+        .iter()
+        .flat_map(|&t| (0..4).map(move |c| (t * 4 + c) as f32))
+        .collect();
+    assert_eq!(rows, expected);
+
+    // Configurations that cannot be built are refused while the scratch is in place:
+    // the other users keep the very same memory.
+    let zero_block = ScratchConfig::new(32, 2, 8, 8, Device::Cpu).with_align_block_size(0);
+    assert_eq!(
+        workspace.get(&zero_block).unwrap_err(),
+        ConfigError::ZeroBlockSize.into()
+    );
+    let too_many = ScratchConfig::new(1 << 40, 2, 8, 8, Device::Cpu);
+    assert_eq!(
+        workspace.get(&too_many).unwrap_err(),
+        ConfigError::IndexOverflow { rows: 1 << 41 }.into()
+    );
+    let wide_rows =
+        ScratchConfig::new(16, 2, 8, 8, Device::Cpu).with_rows(usize::MAX / 2, DType::F32);
+    assert!(matches!(
+        workspace.get(&wide_rows).unwrap_err(),
+        MoeError::SizeOverflow { .. }
+    ));
+    assert_eq!(workspace.scratch().unwrap().config(), &shared);
+    assert_eq!(
+        run_into(&mut workspace, &shared),
+        (address, expected.clone())
+    );
+
+    // A configuration that can be built but not had (4 PiB of rows): the old scratch
+    // was released to make room, and is built again for the others.
+    let huge_rows = ScratchConfig::new(16, 2, 8, 8, Device::Cpu).with_rows(1 << 45, DType::F32);
+    assert_eq!(
+        workspace.get(&huge_rows).unwrap_err(),
+        MoeError::OutOfMemory {
+            buffer: "permuted_hidden_states",
+            bytes: 1 << 52
+        }
+    );
+    assert_eq!(workspace.scratch().unwrap().config(), &shared);
+    assert_eq!(run_into(&mut workspace, &shared).1, expected);
 }

@@ -158,7 +158,7 @@ pub(crate) fn run(
             top_k: shape.topk,
             norm_topk_prob: true,
         };
-        let weights = MoeWeights::repeating(&config, 7);
+        let weights = MoeWeights::repeating(&config, 7)?;
         let max_tokens = block_tokens.iter().copied().max().unwrap_or(1);
         let mut block = CpuMoeBlock::new(
             config,

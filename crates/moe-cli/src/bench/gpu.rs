@@ -231,7 +231,7 @@ pub(crate) fn run(
             norm_topk_prob: true,
         };
         let max_tokens = block_tokens.iter().copied().max().unwrap_or(1);
-        let weights = MoeWeights::repeating(&config, 7);
+        let weights = MoeWeights::repeating(&config, 7)?;
         let workspace = SharedWorkspace::on_cuda_device(device.clone());
         let mut block = CudaMoeBlock::new(
             config,

@@ -116,7 +116,10 @@ pub(crate) unsafe fn valid_count(status: u64, call: u64, position: u32, value: i
     unsafe {
         if claim(status, call) {
             store(word(status, StatusBlock::VALID_COUNT), value as u64);
-            store(word(status, StatusBlock::VALID_BOUND), packed(position, rows as i32));
+            store(
+                word(status, StatusBlock::VALID_BOUND),
+                packed(position, rows as i32),
+            );
         }
     }
 }
@@ -130,7 +133,10 @@ pub(crate) unsafe fn inv_entry(status: u64, call: u64, position: u32, value: i32
     // SAFETY: as the caller guarantees.
     unsafe {
         if claim(status, call) {
-            min(word(status, StatusBlock::INV_ENTRY), packed(position, value));
+            min(
+                word(status, StatusBlock::INV_ENTRY),
+                packed(position, value),
+            );
         }
     }
 }

@@ -8,6 +8,7 @@
 use super::buffers::CpuBuffers;
 use super::permute::{PermuteInput, PermuteOutput, views};
 use super::unpermute::{UnpermuteInput, unpermute_into};
+use crate::size::zeroed;
 use crate::{Accumulate, Device, PermuteScratch, Result, RowSpec, ScratchConfig};
 
 /// The result of [`permute`]: a scratch sized for one call, holding its outputs.
@@ -22,10 +23,19 @@ impl Permuted {
     pub fn output(&self) -> Result<PermuteOutput<'_>> {
         let config = self.scratch.config();
         let buffers: &CpuBuffers = self.scratch.cpu_buffers_ref()?;
-        let entries = config.max_entries();
-        let rows = &bytemuck::cast_slice(&buffers.permuted_rows)[..entries * self.spec.row_bytes()];
-        let scales = &buffers.permuted_scales[..entries * self.spec.scale_columns];
-        Ok(views(config, &buffers.index, self.spec, rows, scales))
+        let entries = config.max_entries()?;
+        // The scratch was built for exactly this spec and entry count.
+        let rows =
+            &bytemuck::cast_slice(&buffers.permuted_rows)[..self.spec.rows_bytes(entries)?];
+        let scales = &buffers.permuted_scales[..self.spec.scales_len(entries)?];
+        Ok(views(
+            config,
+            &buffers.index,
+            self.spec,
+            entries,
+            rows,
+            scales,
+        ))
     }
 }
 
@@ -51,10 +61,19 @@ pub fn permute(
 }
 
 /// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` output.
+///
+/// The output is allocated fallibly: an `N*H` that does not fit in usize is
+/// [`MoeError::SizeOverflow`](crate::MoeError::SizeOverflow), memory that cannot be
+/// had is [`MoeError::OutOfMemory`](crate::MoeError::OutOfMemory), as with a scratch.
 pub fn unpermute<T: Accumulate>(input: &UnpermuteInput<'_, T>) -> Result<Vec<T>> {
-    // The output's length is what the shapes imply; checked again by the call.
+    // Shapes first (the output's length is what they imply), then the memory.
     let tokens = input.inv_permuted_idx.len() / input.topk.max(1);
-    let mut out = vec![T::from_f32(0.0); tokens.saturating_mul(input.hidden_size)];
+    let len = crate::size::product(
+        "unpermute output elements (N * H)",
+        &[tokens, input.hidden_size],
+    )?;
+    input.check(len)?;
+    let mut out = zeroed("the unpermute output", len)?;
     unpermute_into(input, &mut out)?;
     Ok(out)
 }

@@ -1,26 +1,13 @@
 //! The host memory a CPU permute scratch owns.
 
 use crate::config::max_padded_rows;
-use crate::{MoeError, Result, ScratchConfig};
+use crate::size::{product, zeroed};
+use crate::{Result, ScratchConfig};
 
 /// Chunks the index work is cut into, per thread of the pool: enough to balance
 /// uneven chunks, few enough that the serial scan over `experts x chunks` stays small.
 const CHUNKS_PER_THREAD: usize = 4;
 const MAX_CHUNKS: usize = 256;
-
-/// Allocates `len` zeroed elements, reporting failure (or a size no allocation can
-/// have) as an error instead of aborting.
-///
-/// Zeroed memory comes from `calloc`, so large buffers cost page mappings, not a pass
-/// of writes: building a scratch costs what allocating the same buffers per call would.
-fn zeroed<T: bytemuck::Zeroable>(buffer: &'static str, len: u128) -> Result<Vec<T>> {
-    let bytes = len * size_of::<T>() as u128;
-    let out_of_memory = || MoeError::OutOfMemory { buffer, bytes };
-    if bytes > isize::MAX as u128 {
-        return Err(out_of_memory());
-    }
-    bytemuck::allocation::try_zeroed_vec(len as usize).map_err(|()| out_of_memory())
-}
 
 /// Every intermediate and output of permute and align, sized for the largest call.
 #[derive(Debug)]
@@ -63,21 +50,19 @@ pub(super) struct AlignBuffers {
 
 impl CpuBuffers {
     /// Allocates for `config`, which must have passed [`ScratchConfig::check`].
+    ///
+    /// Every buffer comes from [`zeroed`] (calloc: large buffers cost page mappings,
+    /// not a pass of writes, so building a scratch costs what allocating the same
+    /// buffers per call would), sized by checked arithmetic.
     pub(crate) fn new(config: &ScratchConfig) -> Result<Self> {
-        // Sizes in u128: a configuration may describe more memory than usize can count.
-        let entries = config.max_entries() as u128;
+        let entries = config.max_entries()?;
         let local = config.num_local_experts;
         let max_chunks = (rayon::current_num_threads() * CHUNKS_PER_THREAD).clamp(1, MAX_CHUNKS);
-        let (row_bytes, scale_len) = match config.rows {
-            Some(rows) => (
-                entries * rows.hidden_size as u128 * rows.dtype.size_bytes() as u128,
-                entries * rows.scale_columns as u128,
-            ),
-            None => (0, 0),
-        };
+        let (row_bytes, scale_len) = config.row_buffer_sizes()?;
         let (padded, blocks, padded_first) = match config.align_block_size {
             Some(block) => {
-                let padded = max_padded_rows(config.max_entries(), local, block);
+                // Fits in i32: `check` bounded it.
+                let padded = max_padded_rows(entries, local, block);
                 (padded, padded.div_ceil(block), local + 1)
             }
             None => (0, 0, 0),
@@ -90,17 +75,20 @@ impl CpuBuffers {
             index: IndexBuffers {
                 max_chunks,
                 local_ids: zeroed("local expert ids", entries)?,
-                cursors: zeroed("expert counts", (max_chunks * local) as u128)?,
-                expert_first_token_offset: zeroed("expert_first_token_offset", local as u128 + 1)?,
+                cursors: zeroed(
+                    "expert counts",
+                    product("expert counts (chunks * L)", &[max_chunks, local])?,
+                )?,
+                expert_first_token_offset: zeroed("expert_first_token_offset", local + 1)?,
                 permuted_idx: zeroed("permuted_idx", entries)?,
                 inv_permuted_idx: zeroed("inv_permuted_idx", entries)?,
             },
             permuted_rows,
             permuted_scales,
             align: AlignBuffers {
-                sorted_ids: zeroed("sorted_ids", padded as u128)?,
-                block_expert_ids: zeroed("block_expert_ids", blocks as u128)?,
-                padded_first_row: zeroed("padded expert offsets", padded_first as u128)?,
+                sorted_ids: zeroed("sorted_ids", padded)?,
+                block_expert_ids: zeroed("block_expert_ids", blocks)?,
+                padded_first_row: zeroed("padded expert offsets", padded_first)?,
             },
         })
     }

@@ -119,22 +119,26 @@ pub fn permute<'s>(
     scratch: &'s mut PermuteScratch,
     input: &PermuteInput<'_>,
 ) -> Result<PermuteOutput<'s>> {
-    input.check_shapes()?;
     let spec = input.row_spec();
+    // The scratch first: its first check, that N*K fits in i32, comes before anything
+    // else (docs/contract.md).
     scratch.validate(&input.call_shape(Some(spec)))?;
+    input.check_shapes()?;
     let (config, buffers) = scratch.cpu_buffers()?;
     check_expert_map(input.expert_map, config.num_local_experts)?;
     let entries = input.topk_ids.ids().len();
+    let (rows_bytes, scales_len) = (spec.rows_bytes(entries)?, spec.scales_len(entries)?);
     let CpuBuffers {
         index,
         permuted_rows,
         permuted_scales,
         ..
     } = buffers;
-    let rows = &mut bytemuck::cast_slice_mut(permuted_rows)[..entries * spec.row_bytes()];
-    let scales = &mut permuted_scales[..entries * spec.scale_columns];
+    // Validated: the call's rows are the scratch's, and N*K <= max_num_tokens*K.
+    let rows = &mut bytemuck::cast_slice_mut(permuted_rows)[..rows_bytes];
+    let scales = &mut permuted_scales[..scales_len];
     compute(config, index, input, rows, scales);
-    Ok(views(config, index, spec, rows, scales))
+    Ok(views(config, index, spec, entries, rows, scales))
 }
 
 /// Permutes into caller-owned buffers; the scratch holds only the index buffers.
@@ -145,22 +149,24 @@ pub fn permute_into<'o>(
     input: &PermuteInput<'_>,
     dest: PermuteDest<'o>,
 ) -> Result<PermuteOutput<'o>> {
-    input.check_shapes()?;
+    // The scratch first, as in `permute`.
     scratch.validate(&input.call_shape(None))?;
+    input.check_shapes()?;
     let entries = input.topk_ids.ids().len();
     let spec = input.row_spec();
     let (rows, dtype, hidden_size) = dest.hidden_states.into_parts();
     let scales_len = dest.scales.as_ref().map(|scales| scales.len());
     spec.check_destination(entries, dtype, hidden_size, rows.len(), scales_len)?;
+    // Checked by `check_destination`: both fit in the destination.
     let scales = match dest.scales {
-        Some(scales) => &mut scales[..entries * spec.scale_columns],
+        Some(scales) => &mut scales[..spec.scales_len(entries)?],
         None => &mut [][..],
     };
-    let rows = &mut rows[..entries * spec.row_bytes()];
+    let rows = &mut rows[..spec.rows_bytes(entries)?];
     let (config, buffers) = scratch.cpu_buffers()?;
     check_expert_map(input.expert_map, config.num_local_experts)?;
     compute(config, &mut buffers.index, input, rows, scales);
-    Ok(views(config, &buffers.index, spec, rows, scales))
+    Ok(views(config, &buffers.index, spec, entries, rows, scales))
 }
 
 /// Every local id of `expert_map` must be -1 or a local expert: a wrong map is an
@@ -258,7 +264,8 @@ fn scatter_rows<T: Copy + Send + Sync>(
         return;
     }
     let row_len = src.len() / num_tokens;
-    let bytes_per_token = row_len * size_of::<T>() * (topk + 1);
+    // Only a task size: saturating is exact enough.
+    let bytes_per_token = (row_len * size_of::<T>()).saturating_mul(topk + 1);
     let tokens_per_task = (TASK_BYTES / bytes_per_token.max(1)).max(1);
     let dst = DisjointSlice::new(dst);
     src.par_chunks(tokens_per_task * row_len)
@@ -278,15 +285,16 @@ fn scatter_rows<T: Copy + Send + Sync>(
         });
 }
 
-/// The outputs of a computed call, as views of `entries = N*K` rows.
+/// The outputs of a computed call, as views of `entries = N*K` rows (`rows` and
+/// `scales` hold exactly that many).
 pub(super) fn views<'a>(
     config: &ScratchConfig,
     buffers: &'a IndexBuffers,
     spec: RowSpec,
+    entries: usize,
     rows: &'a [u8],
     scales: &'a [f32],
 ) -> PermuteOutput<'a> {
-    let entries = rows.len() / spec.row_bytes();
     PermuteOutput {
         permuted_hidden_states: Rows::from_parts(rows, spec.dtype, spec.hidden_size),
         permuted_scales: (spec.scale_columns > 0)

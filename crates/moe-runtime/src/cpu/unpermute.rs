@@ -47,7 +47,9 @@ impl<T> UnpermuteInput<'_, T> {
         let position = self.expert_first_token_offset.len() - 1;
         let valid = self.expert_first_token_offset[position];
         if valid < 0 || valid as u64 > dims.rows as u64 {
-            return Err(unpermute_check::valid_count_error(position, valid, dims.rows));
+            return Err(unpermute_check::valid_count_error(
+                position, valid, dims.rows,
+            ));
         }
         if let Some(position) = self.inv_permuted_idx.iter().position(|&row| row < 0) {
             let value = self.inv_permuted_idx[position];

@@ -14,7 +14,8 @@ use super::memory::{Binding, DeviceRowsMut, DeviceView, DeviceViewMut};
 use super::owned::DeviceMemory;
 use super::permute::{DevicePermuteInput, DevicePermuteOutput, outputs};
 use super::unpermute::{DeviceUnpermuteInput, unpermute_into};
-use crate::{Accumulate, MoeError, PermuteScratch, Result, RowSpec, ScratchConfig};
+use crate::size::product;
+use crate::{Accumulate, PermuteScratch, Result, RowSpec, ScratchConfig};
 
 /// The result of [`permute`]: a scratch sized for one call, holding its outputs, its
 /// memory freed on the call's stream (which it borrows, `'a`) when dropped.
@@ -30,11 +31,11 @@ impl Permuted<'_> {
     /// The permute's outputs, as [`super::permute`] returns them.
     pub fn output(&self) -> Result<DevicePermuteOutput<'_>> {
         let (config, buffers) = self.scratch.cuda_buffers(self.scratch.device())?;
-        let entries = config.max_entries();
+        let entries = config.max_entries()?;
         let ordinal = buffers.device.ordinal();
         let rows = DeviceView::from_parts(
             buffers.address(|c| c.permuted_rows),
-            entries * self.spec.row_bytes(),
+            self.spec.rows_bytes(entries)?,
             ordinal,
             self.binding,
         );
@@ -112,17 +113,8 @@ pub fn unpermute<'a, T: Accumulate + DeviceRepr>(
 ) -> Result<Buffer<'a, T>> {
     let tokens = input.inv_permuted_idx.len() / input.topk.max(1);
     let hidden = input.permuted_hidden_states.hidden_size();
-    let len = tokens.checked_mul(hidden).ok_or(MoeError::Shape {
-        tensor: "output",
-        len: tokens,
-        expected: format!("N*H = {tokens}*{hidden} elements within usize"),
-    })?;
-    let bytes = len
-        .checked_mul(size_of::<T>())
-        .ok_or(MoeError::OutOfMemory {
-            buffer: "unpermute output",
-            bytes: len as u128 * size_of::<T>() as u128,
-        })?;
+    let len = product("unpermute output elements (N * H)", &[tokens, hidden])?;
+    let bytes = product("unpermute output bytes", &[len, size_of::<T>()])?;
     // SAFETY: the buffer borrows the stream for 'a, so the stream outlives the free
     // queued on it when the buffer is dropped.
     let memory = unsafe { DeviceMemory::allocate_on(stream, "unpermute output", bytes)? };

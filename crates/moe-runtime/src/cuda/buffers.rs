@@ -88,11 +88,11 @@ impl Carving {
             .into());
         }
         // `check` keeps every index (so `entries`) within i32.
-        let entries = config.max_num_tokens * config.topk;
+        let entries = config.max_entries()?;
         let max_chunks = route_chunks(entries as u32).1 as usize;
-        let (row_bytes, scales) = config
-            .rows
-            .map_or((0, 0), |rows| (rows.row_bytes(), rows.scale_columns));
+        let (row_bytes, scales) = config.rows.map_or(Ok((0, 0)), |rows| {
+            rows.row_bytes().map(|bytes| (bytes, rows.scale_columns))
+        })?;
         let padded = config
             .align_block_size
             .map_or(0, |block| max_padded_rows(entries, local, block));

@@ -150,7 +150,7 @@ pub fn permute<'s>(
     let entries = input.topk_ids.ids().len();
     let rows = DeviceView::from_parts(
         buffers.address(|c| c.permuted_rows),
-        entries * spec.row_bytes(),
+        spec.rows_bytes(entries)?,
         buffers.device.ordinal(),
         binding,
     );
@@ -193,7 +193,7 @@ pub fn permute_into<'o>(
     let binding = buffers.enter(stream)?;
     views.check_streams(stream)?;
     dest_views.check_streams(stream)?;
-    let rows = rows.into_view().prefix(entries * spec.row_bytes());
+    let rows = rows.into_view().prefix(spec.rows_bytes(entries)?);
     let scales = dest
         .scales
         .map(|scales| scales.into_view().prefix(entries * spec.scale_columns));
@@ -310,7 +310,9 @@ pub(super) fn outputs<'a>(
     rows: DeviceView<'a, u8>,
     scales: Option<DeviceView<'a, f32>>,
 ) -> DevicePermuteOutput<'a> {
-    let entries = rows.len() / spec.row_bytes();
+    let entries = spec
+        .row_bytes()
+        .map_or(0, |row_bytes| rows.len() / row_bytes.max(1));
     let ordinal = buffers.device.ordinal();
     let view = |region: fn(&Carving) -> Region, len| {
         DeviceView::from_parts(buffers.address(region), len, ordinal, binding)
