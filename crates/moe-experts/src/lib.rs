@@ -11,6 +11,8 @@
 //! rounded to bf16 where a bf16 tensor would hold them (each GEMM's output and the
 //! activation), on the CPU and the GPU alike.
 
+#![warn(missing_docs)]
+
 mod block;
 mod config;
 pub mod cpu;

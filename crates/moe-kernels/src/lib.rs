@@ -9,6 +9,8 @@
 //!
 //! Architecture invariants: nothing here allocates, does I/O or depends on a host
 //! crate; `kernels-gpu/` is generated from this crate and never edited by hand.
+
+#![warn(missing_docs)]
 #![no_std]
 #![cfg_attr(
     target_arch = "nvptx64",

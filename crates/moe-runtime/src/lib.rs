@@ -46,6 +46,8 @@
 //! value, never a panic or an out-of-bounds access; sizes computed from caller-given
 //! numbers, and host memory sized by them, go through [`size`] and fail as errors.
 
+#![warn(missing_docs)]
+
 mod config;
 pub mod cpu;
 pub mod cuda;

@@ -19,4 +19,4 @@ pub(crate) use buffers::CpuBuffers;
 
 pub use align::{AlignOutput, align};
 pub use permute::{PermuteDest, PermuteInput, PermuteOutput, permute, permute_into};
-pub use unpermute::{UnpermuteInput, unpermute_into};
+pub use unpermute::{UNPERMUTE_TILE, UnpermuteInput, unpermute_into};

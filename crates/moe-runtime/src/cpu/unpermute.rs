@@ -8,9 +8,10 @@ use crate::{Accumulate, Result};
 /// Output bytes (one row and the `K` rows it sums) a parallel task handles at least.
 const TASK_BYTES: usize = 64 * 1024;
 
-/// Elements of a row summed at once, in an f32 accumulator on the stack: the sum of
-/// one token needs no heap memory whatever `H` is.
-const TILE: usize = 2048;
+/// Elements of a row the CPU unpermute sums at once, in an f32 accumulator on the
+/// stack: the sum of one token needs no heap memory whatever `H` is.
+pub const UNPERMUTE_TILE: usize = 2048;
+const TILE: usize = UNPERMUTE_TILE;
 
 /// The inputs of unpermute.
 #[derive(Clone, Copy, Debug)]
