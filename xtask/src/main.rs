@@ -1,8 +1,9 @@
 //! `cargo xtask`: the project's own build tasks (see `USAGE`).
 //!
-//! Today there is one task, `build-ptx`: compile the device side of `crates/moe-kernels`
-//! to PTX with rustc's `nvptx64-nvidia-cuda` target, commit it under `kernels-gpu/`, and
-//! check it with NVIDIA's `ptxas`. `docs/gpu-toolchain.md` describes the whole pipeline.
+//! `build-ptx`: compile the device side of `crates/moe-kernels` to PTX with rustc's
+//! `nvptx64-nvidia-cuda` target, commit it under `kernels-gpu/`, and check it with
+//! NVIDIA's `ptxas` (`docs/gpu-toolchain.md` describes the whole pipeline). `tidy`: the
+//! checks that keep the docs true to the code (they also run as this crate's tests).
 //!
 //! Architecture invariant: the only files this writes outside `target/` are the two in
 //! `kernels-gpu/`, and only `build-ptx` without `--check` writes them.
@@ -10,6 +11,7 @@
 mod build_ptx;
 mod manifest;
 mod ptxas;
+mod tidy;
 mod toolchain;
 
 use std::path::PathBuf;
@@ -24,6 +26,9 @@ tasks:
                       check the PTX with `ptxas -v` for sm_80 and sm_90 (errors or spills fail)
   build-ptx --check   write nothing: rebuild in target/ptx-check, fail when the committed
                       kernels-gpu/ is stale, then check the committed PTX with ptxas
+  tidy                check that the docs' links resolve and the constants they quote
+                      are the code's, and that every public item and file is documented
+                      (also run by `cargo test`)
   help                print this message
 
 environment:
@@ -37,6 +42,7 @@ Install both with `xtask/setup-gpu-toolchain.sh` (Debian 12, as root); see docs/
 enum Task {
     Help,
     BuildPtx(build_ptx::Mode),
+    Tidy,
 }
 
 /// Parses the arguments after `cargo xtask`; the error is a one-line reason, printed
@@ -47,6 +53,8 @@ fn parse_args(args: &[String]) -> Result<Task, String> {
     };
     match task.as_str() {
         "help" | "--help" | "-h" => Ok(Task::Help),
+        "tidy" if rest.is_empty() => Ok(Task::Tidy),
+        "tidy" => Err(format!("unexpected arguments to tidy: {}", rest.join(" "))),
         "build-ptx" => match rest {
             [] => Ok(Task::BuildPtx(build_ptx::Mode::Write)),
             [flag] if flag == "--check" => Ok(Task::BuildPtx(build_ptx::Mode::Check)),
@@ -90,6 +98,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Task::BuildPtx(mode) => build_ptx::run(&workspace_root(), mode),
+        Task::Tidy => tidy::run(&workspace_root()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
