@@ -108,9 +108,9 @@ impl Blas {
         }
         let (Ok(m), Ok(n), Ok(k)) = (i32::try_from(m), i32::try_from(n), i32::try_from(k)) else {
             return Err(ExpertsError::Shape {
-                tensor: "a",
-                len: a.len(),
-                expected: format!("dimensions within i32 for {gemm}"),
+                tensor: "GEMM dimensions",
+                len: m.max(n).max(k),
+                expected: format!("m, n and k within i32 (cuBLAS's index type) for {gemm}"),
             });
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
