@@ -16,7 +16,10 @@ pub enum ExpertsKind {
     /// Humming-style: the permute scratch owns the permuted activations.
     Humming,
     /// Humming's indexed variant: align, and GEMMs that gather rows by index.
-    HummingIndexed { block_size: usize },
+    HummingIndexed {
+        /// Rows per block: each expert's group is padded to a multiple of it.
+        block_size: usize,
+    },
 }
 
 /// What one block call returns: the output and the routing that produced it.
@@ -71,10 +74,12 @@ impl CpuMoeBlock {
         })
     }
 
+    /// The block's sizes and routing settings.
     pub fn config(&self) -> &MoeConfig {
         &self.config
     }
 
+    /// The expert backend's name ([`CpuExperts::name`](crate::cpu::CpuExperts::name)).
     pub fn backend(&self) -> &'static str {
         self.experts.name()
     }

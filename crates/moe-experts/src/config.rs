@@ -19,6 +19,8 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
+    /// Checks that a block can run: `H`, `I` and `E` at least 1, `K` in `1..=E`
+    /// ([`ExpertsError::Config`] names the first that is not).
     pub fn check(&self) -> Result<()> {
         let bad = |what: &str| Err(ExpertsError::Config(what.to_string()));
         if self.hidden_size == 0 || self.intermediate_size == 0 {

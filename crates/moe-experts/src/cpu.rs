@@ -260,6 +260,9 @@ pub struct HummingExperts {
 }
 
 impl HummingExperts {
+    /// A backend for calls of up to `max_num_tokens`, whose scratch owns bf16 rows of
+    /// `H` (larger calls grow the shared scratch while its workspace is unlocked).
+    /// Nothing is allocated until the first call.
     pub fn new(config: &MoeConfig, workspace: SharedWorkspace, max_num_tokens: usize) -> Self {
         let rows = |request: ScratchConfig| request.with_rows(config.hidden_size, DType::BF16);
         Self {
@@ -310,6 +313,9 @@ pub struct IndexedExperts {
 }
 
 impl IndexedExperts {
+    /// A backend for calls of up to `max_num_tokens`, aligning to `block_size` rows
+    /// (larger calls grow the shared scratch while its workspace is unlocked). Nothing
+    /// is allocated until the first call.
     pub fn new(
         config: &MoeConfig,
         workspace: SharedWorkspace,

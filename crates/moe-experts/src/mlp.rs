@@ -35,6 +35,8 @@ pub(crate) fn silu(x: f32) -> f32 {
 }
 
 impl CpuWeights {
+    /// `weights` widened to f32 (a copy; not checked: the backends check the copy
+    /// before every call).
     pub fn new(weights: &MoeWeights) -> Self {
         Self {
             hidden: weights.hidden_size,

@@ -15,12 +15,14 @@ use crate::Result;
 pub struct SharedWorkspace(Arc<Mutex<ScratchWorkspace>>);
 
 impl SharedWorkspace {
+    /// An empty workspace with no CUDA device: for CPU backends
+    /// ([`CudaMoeBlock`](crate::CudaMoeBlock) needs [`Self::on_cuda_device`]).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// A workspace for backends on a CUDA device: its scratch lives there and uses
-    /// the device's stream.
+    /// A workspace for backends on a CUDA device: its scratch is built there (each
+    /// call chooses its stream).
     pub fn on_cuda_device(device: std::sync::Arc<moe_runtime::cuda::CudaDevice>) -> Self {
         Self(Arc::new(Mutex::new(ScratchWorkspace::on_cuda_device(
             device,

@@ -62,6 +62,7 @@ pub enum Layout {
 }
 
 impl Layout {
+    /// The layout's name, for errors and reports.
     pub fn name(self) -> &'static str {
         match self {
             Layout::Mixtral => "Mixtral",
@@ -69,7 +70,7 @@ impl Layout {
         }
     }
 
-    /// The router's weight `[E, H]`.
+    /// The name of the router's weight `[E, H]`.
     pub fn router(self, prefix: &str) -> String {
         match self {
             Layout::Mixtral => format!("{prefix}.block_sparse_moe.gate.weight"),
@@ -77,7 +78,8 @@ impl Layout {
         }
     }
 
-    /// Expert `e`'s gate, up and down projections.
+    /// The names of expert `expert`'s gate, up and down projections, `[I, H]`,
+    /// `[I, H]` and `[H, I]`.
     pub fn expert(self, prefix: &str, expert: usize) -> [String; 3] {
         match self {
             Layout::Mixtral => ["w1", "w3", "w2"]
@@ -91,9 +93,12 @@ impl Layout {
 /// The weights of one MoE layer, bf16, row-major as `nn.Linear` stores them.
 #[derive(Clone, Debug)]
 pub struct MoeWeights {
-    /// `H`, `I` and `E` (routing settings are not part of a checkpoint's tensors).
+    /// `H`. With `I` and `E`, the layer's sizes (routing settings are not part of a
+    /// checkpoint's tensors).
     pub hidden_size: usize,
+    /// `I`, each expert's intermediate size.
     pub intermediate_size: usize,
+    /// `E`.
     pub num_experts: usize,
     /// `[E, H]`.
     pub router: Vec<bf16>,

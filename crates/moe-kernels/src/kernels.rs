@@ -10,7 +10,9 @@ use crate::params::ParamsKind;
 /// Integer width of `topk_ids`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IdWidth {
+    /// `i32` ids.
     I32,
+    /// `i64` ids (the index type of `torch.topk`).
     I64,
 }
 
@@ -51,8 +53,11 @@ impl RowVector {
 /// Element type of unpermute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Float {
+    /// `f32`.
     F32,
+    /// IEEE `f16`.
     F16,
+    /// `bf16`.
     BF16,
 }
 

@@ -89,7 +89,9 @@ pub struct AlignDims {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RouteParams {
+    /// `N`, `K`, `E` and `L` of the call.
     pub dims: RoutingDims,
+    /// The block size and padded length for align; `{ 1, 0 }` for permute.
     pub align: AlignDims,
     /// Entries each block sorts: [`ROUTE_CHUNK`], or `N*K` when one block does all.
     pub chunk_entries: u32,
@@ -124,7 +126,9 @@ pub struct RouteParams {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PermuteRowsParams {
+    /// `N`, `K`, `E` and `L` of the call.
     pub dims: RoutingDims,
+    /// How each row moved is laid out: its bytes and scale columns.
     pub layout: RowLayout,
     /// `[N, H]` source rows.
     pub hidden_states: u64,
@@ -146,6 +150,7 @@ pub struct PermuteRowsParams {
 pub struct UnpermuteParams {
     /// `N` tokens of `K` entries.
     pub num_tokens: u32,
+    /// `K`, entries per token.
     pub topk: u32,
     /// `H`, elements in a row.
     pub hidden_size: u32,
@@ -178,8 +183,11 @@ pub const STATUS_CLEAR: u64 = u64::MAX;
 
 /// Which operation a [`StatusBlock::call`] word names (its low 8 bits).
 pub mod status_op {
+    /// A permute call (it reports a malformed `expert_map` entry).
     pub const PERMUTE: u64 = 1;
+    /// An align call (it reports a malformed `expert_map` entry).
     pub const ALIGN: u64 = 2;
+    /// An unpermute call (it reports a bad valid count or a negative row index).
     pub const UNPERMUTE: u64 = 3;
 }
 
@@ -207,16 +215,23 @@ pub struct StatusBlock {
     pub valid_bound: u64,
     /// `position << 32 | value as u32` of the lowest negative `inv_permuted_idx` entry.
     pub inv_entry: u64,
+    /// Pads the block to [`STATUS_BYTES`]; no kernel writes it.
     pub _reserved: [u64; 2],
 }
 
 impl StatusBlock {
-    /// Word indices of the fields, for the kernels' atomics.
+    // Word indices of the fields, for the kernels' atomics.
+    /// Word index of [`Self::call`].
     pub const CALL: usize = 0;
+    /// Word index of [`Self::map_entry`].
     pub const MAP_ENTRY: usize = 1;
+    /// Word index of [`Self::map_bound`].
     pub const MAP_BOUND: usize = 2;
+    /// Word index of [`Self::valid_count`].
     pub const VALID_COUNT: usize = 3;
+    /// Word index of [`Self::valid_bound`].
     pub const VALID_BOUND: usize = 4;
+    /// Word index of [`Self::inv_entry`].
     pub const INV_ENTRY: usize = 5;
 
     /// A block read back from the device, from its `STATUS_BYTES / 8` words.
@@ -248,6 +263,7 @@ pub const ELEMENTWISE_THREADS: u32 = 256;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RouterParams {
+    /// `N`, tokens to route.
     pub num_tokens: u32,
     /// `E`, logits per token.
     pub num_experts: u32,
@@ -268,6 +284,7 @@ pub struct RouterParams {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SiluMulParams {
+    /// Rows of `gate_up` and of `out`.
     pub rows: u32,
     /// `I`.
     pub columns: u32,
@@ -297,10 +314,15 @@ const _: () = {
 /// Which parameter block a kernel takes (see [`crate::kernels::Kernel::params`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ParamsKind {
+    /// [`RouteParams`].
     Route,
+    /// [`PermuteRowsParams`].
     PermuteRows,
+    /// [`UnpermuteParams`].
     Unpermute,
+    /// [`RouterParams`].
     Router,
+    /// [`SiluMulParams`].
     SiluMul,
 }
 

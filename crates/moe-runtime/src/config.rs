@@ -24,6 +24,7 @@ pub(crate) fn max_padded_rows(entries: usize, num_local: usize, block_size: usiz
 pub struct RowSpec {
     /// `H`, elements in one row.
     pub hidden_size: usize,
+    /// The element type of the rows.
     pub dtype: DType,
     /// `S`, per-token f32 scales that travel with each row (0 for none).
     pub scale_columns: usize,
@@ -132,6 +133,7 @@ pub struct ScratchConfig {
     pub rows: Option<RowSpec>,
     /// When set, the scratch owns the buffers of `align` for this block size.
     pub align_block_size: Option<usize>,
+    /// Where the scratch's memory lives; every tensor of a call must be there too.
     pub device: Device,
 }
 

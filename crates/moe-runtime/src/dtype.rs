@@ -11,8 +11,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
+    /// `f32`.
     F32,
+    /// IEEE half precision, [`f16`](crate::f16).
     F16,
+    /// bfloat16, [`bf16`](crate::bf16).
     BF16,
     /// fp8 e4m3 (OCP "fn" variant), moved as raw bytes.
     Fp8E4M3,
@@ -79,6 +82,7 @@ pub struct F8E5M2(pub u8);
 
 /// A Rust type that stores one element of a [`DType`].
 pub trait Element: bytemuck::Pod + Send + Sync {
+    /// The element type this Rust type stores.
     const DTYPE: DType;
 }
 
@@ -101,7 +105,9 @@ impl Element for F8E5M2 {
 /// An element type unpermute can sum: widened to f32, accumulated in f32, and
 /// narrowed once with round-to-nearest-even.
 pub trait Accumulate: Element {
+    /// The value widened to f32 (exact for every type here).
     fn to_f32(self) -> f32;
+    /// `value` rounded to this type, to nearest even.
     fn from_f32(value: f32) -> Self;
 }
 

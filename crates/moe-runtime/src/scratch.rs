@@ -118,10 +118,12 @@ impl PermuteScratch {
         })
     }
 
+    /// The configuration the scratch was built for.
     pub fn config(&self) -> &ScratchConfig {
         &self.config
     }
 
+    /// The device the scratch's memory is on.
     pub fn device(&self) -> Device {
         self.config.device
     }

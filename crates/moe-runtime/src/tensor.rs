@@ -193,11 +193,14 @@ impl<'a> RowsMut<'a> {
 /// The global expert ids of a call, in either integer width serving stacks use.
 #[derive(Clone, Copy, Debug)]
 pub enum ExpertIds<'a> {
+    /// `i32` ids.
     I32(&'a [i32]),
+    /// `i64` ids.
     I64(&'a [i64]),
 }
 
 impl ExpertIds<'_> {
+    /// Number of ids.
     pub fn len(&self) -> usize {
         match self {
             ExpertIds::I32(ids) => ids.len(),
@@ -205,6 +208,7 @@ impl ExpertIds<'_> {
         }
     }
 
+    /// Whether there are no ids.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -212,6 +216,7 @@ impl ExpertIds<'_> {
 
 /// An integer type that can hold global expert ids.
 pub trait ExpertId: Copy + Send + Sync + sealed::Sealed {
+    /// `ids` as the [`ExpertIds`] variant of this type.
     fn as_ids(ids: &[Self]) -> ExpertIds<'_>;
 }
 
@@ -241,6 +246,8 @@ pub struct TopkIds<'a> {
 }
 
 impl<'a> TopkIds<'a> {
+    /// Views `ids` as `[N, K]` with `K = topk`; fails when `topk` is 0 or `ids` is not
+    /// whole tokens.
     pub fn new<I: ExpertId>(ids: &'a [I], topk: usize) -> Result<Self> {
         whole_rows("topk_ids", ids.len(), topk, "topk")?;
         Ok(Self {
@@ -249,6 +256,7 @@ impl<'a> TopkIds<'a> {
         })
     }
 
+    /// The ids, flat (`N*K`).
     pub fn ids(&self) -> ExpertIds<'a> {
         self.ids
     }
@@ -272,6 +280,8 @@ pub struct Scales<'a> {
 }
 
 impl<'a> Scales<'a> {
+    /// Views `data` as rows of `columns` scales; fails when `columns` is 0 or `data`
+    /// is not whole rows.
     pub fn new(data: &'a [f32], columns: usize) -> Result<Self> {
         whole_rows("scales", data.len(), columns, "scale columns")?;
         Ok(Self { data, columns })
@@ -283,6 +293,7 @@ impl<'a> Scales<'a> {
         Self { data, columns }
     }
 
+    /// The scales, flat (`N*S`).
     pub fn as_slice(&self) -> &'a [f32] {
         self.data
     }
@@ -292,6 +303,7 @@ impl<'a> Scales<'a> {
         self.columns
     }
 
+    /// `N`, the number of rows.
     pub fn num_rows(&self) -> usize {
         self.data.len() / self.columns
     }

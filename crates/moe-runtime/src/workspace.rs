@@ -16,17 +16,20 @@ use crate::{Device, MoeError, PermuteScratch, Result, ScratchConfig};
 pub struct ScratchWorkspace {
     scratch: Option<PermuteScratch>,
     locked: bool,
-    /// Where a CUDA scratch is built: its users queue their work on this device's
-    /// stream. Without one, a CUDA scratch opens the device with a stream of its own.
+    /// Where a CUDA scratch is built (its context and kernels). Without one, a CUDA
+    /// scratch opens its configuration's device itself.
     cuda_device: Option<Arc<CudaDevice>>,
 }
 
 impl ScratchWorkspace {
+    /// An empty, unlocked workspace; a CUDA scratch built in it opens its device itself
+    /// ([`PermuteScratch::new`]).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// A workspace whose CUDA scratches live on `device` and use its stream.
+    /// A workspace whose CUDA scratches are built on `device`, with its context and
+    /// kernels.
     pub fn on_cuda_device(device: Arc<CudaDevice>) -> Self {
         Self {
             cuda_device: Some(device),
@@ -123,6 +126,7 @@ impl ScratchWorkspace {
         self.locked = false;
     }
 
+    /// Whether growth is refused.
     pub fn is_locked(&self) -> bool {
         self.locked
     }

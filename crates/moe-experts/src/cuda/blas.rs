@@ -59,6 +59,7 @@ impl Blas {
         Ok(Self { device, handle })
     }
 
+    /// The device whose context the handle belongs to.
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.device
     }

@@ -3,7 +3,7 @@
 //!
 //! One step waits on the host: the grouped GEMMs need each expert's row count to
 //! issue one cuBLAS GEMM per expert, so `expert_first_token_offset` (`L + 1` values) is
-//! copied back after permute. Everything else is queued on the device's stream. A
+//! copied back after permute. Everything else is queued on the call's stream. A
 //! grouped GEMM that reads the offsets on the device (a kernel of the project's own,
 //! or cuBLASLt's grouped GEMM with device-side sizes) would remove that wait; until
 //! then a whole block cannot be captured in a CUDA graph, while its permute and
@@ -152,10 +152,12 @@ impl CudaMoeBlock {
         })
     }
 
+    /// The block's sizes and routing settings.
     pub fn config(&self) -> &MoeConfig {
         &self.config
     }
 
+    /// The device the block's weights and activations are on.
     pub fn device(&self) -> &Arc<CudaDevice> {
         self.blas.device()
     }

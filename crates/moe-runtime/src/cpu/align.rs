@@ -18,6 +18,7 @@ pub struct AlignOutput<'a> {
     pub block_expert_ids: &'a [i32],
     /// Rows of `sorted_ids` in use: a multiple of `block_size`.
     pub num_rows_post_padded: usize,
+    /// The scratch's align block size: rows per block of `sorted_ids`.
     pub block_size: usize,
 }
 

@@ -60,7 +60,7 @@ pub fn permute(
     Ok(Permuted { scratch, spec })
 }
 
-/// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` output.
+/// [`unpermute_into`] a freshly allocated `[N, H]` output.
 ///
 /// The output is allocated fallibly: an `N*H` that does not fit in usize is
 /// [`MoeError::SizeOverflow`](crate::MoeError::SizeOverflow), memory that cannot be

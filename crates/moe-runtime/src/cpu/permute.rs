@@ -28,6 +28,8 @@ pub struct PermuteInput<'a> {
 }
 
 impl<'a> PermuteInput<'a> {
+    /// The inputs of a call without `expert_map` (global ids are local ids) and
+    /// without scales.
     pub fn new(hidden_states: Rows<'a>, topk_ids: TopkIds<'a>) -> Self {
         Self {
             hidden_states,
@@ -37,11 +39,13 @@ impl<'a> PermuteInput<'a> {
         }
     }
 
+    /// Routes through `expert_map` `[E]` (expert parallelism).
     pub fn with_expert_map(mut self, expert_map: &'a [i32]) -> Self {
         self.expert_map = Some(expert_map);
         self
     }
 
+    /// Moves `scales` `[N, S]` with their rows.
     pub fn with_scales(mut self, scales: Scales<'a>) -> Self {
         self.scales = Some(scales);
         self

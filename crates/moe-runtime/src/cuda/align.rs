@@ -14,10 +14,16 @@ use crate::{CallShape, PermuteScratch, Result, ScratchMismatch};
 /// stream (see `cpu::AlignOutput` for their contents).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceAlignOutput<'a> {
+    /// `[N*K + min(L, N*K) * (block_size - 1)]`: flat entries `t*K + k` grouped by
+    /// local expert, each group padded to a multiple of `block_size`; padding and the
+    /// tail hold `N*K`.
     pub sorted_ids: DeviceView<'a, i32>,
+    /// `[ceil(len(sorted_ids) / block_size)]`: the local expert of each block, -1 for
+    /// a block at or after `num_rows_post_padded`.
     pub block_expert_ids: DeviceView<'a, i32>,
     /// One i32, left on the device: reading it would be a host round trip.
     pub num_rows_post_padded: DeviceView<'a, i32>,
+    /// The scratch's align block size: rows per block of `sorted_ids`.
     pub block_size: usize,
     /// The scratch's status block, where a malformed `expert_map` entry is reported.
     pub status: DeviceStatus<'a>,

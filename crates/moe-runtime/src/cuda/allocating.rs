@@ -106,7 +106,7 @@ impl<T: DeviceRepr> Buffer<'_, T> {
     }
 }
 
-/// [`unpermute_into`](super::unpermute_into) a freshly allocated `[N, H]` output.
+/// [`unpermute_into`] a freshly allocated `[N, H]` output.
 pub fn unpermute<'a, T: Accumulate + DeviceRepr>(
     stream: &Stream<'a>,
     input: &DeviceUnpermuteInput<'_>,

@@ -27,7 +27,9 @@ pub const SCRATCH_ALIGNMENT: usize = 256;
 /// address that is a multiple of `alignment`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScratchMemoryLayout {
+    /// Bytes of the region: every buffer, each rounded up to [`SCRATCH_ALIGNMENT`].
     pub bytes: usize,
+    /// The alignment of the region's start, in bytes ([`SCRATCH_ALIGNMENT`]).
     pub alignment: usize,
 }
 

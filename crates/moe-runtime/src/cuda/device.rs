@@ -133,10 +133,12 @@ impl CudaDevice {
         Ok((version / 1000, (version % 1000) / 10))
     }
 
+    /// The device's ordinal, as the driver numbers devices.
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
 
+    /// The device, as [`Device::Cuda`].
     pub fn device(&self) -> Device {
         Device::Cuda(self.ordinal)
     }

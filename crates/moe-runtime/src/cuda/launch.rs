@@ -12,7 +12,9 @@ use crate::{MoeError, Result};
 /// A kernel's grid: `blocks` blocks of `threads` threads, in x only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grid {
+    /// Blocks in the grid; 0 launches nothing.
     pub blocks: u32,
+    /// Threads in each block.
     pub threads: u32,
 }
 

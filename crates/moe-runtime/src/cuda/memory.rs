@@ -92,14 +92,17 @@ macro_rules! view_accessors {
             self.address
         }
 
+        /// Number of elements.
         pub fn len(&self) -> usize {
             self.len
         }
 
+        /// Whether the view has no elements.
         pub fn is_empty(&self) -> bool {
             self.len == 0
         }
 
+        /// The CUDA device the memory is on.
         pub fn device(&self) -> Device {
             Device::Cuda(self.ordinal)
         }
@@ -415,10 +418,12 @@ impl<'a> DeviceRows<'a> {
         }
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// `H`, elements in one row.
     pub fn hidden_size(&self) -> usize {
         self.hidden_size
     }
@@ -428,10 +433,12 @@ impl<'a> DeviceRows<'a> {
         self.hidden_size * self.dtype.size_bytes()
     }
 
+    /// `R`, the number of rows.
     pub fn num_rows(&self) -> usize {
         self.bytes.len() / self.row_bytes()
     }
 
+    /// The rows as bytes.
     pub fn bytes(&self) -> DeviceView<'a, u8> {
         self.bytes
     }
@@ -465,6 +472,7 @@ pub struct DeviceRowsMut<'a> {
 }
 
 impl<'a> DeviceRowsMut<'a> {
+    /// Views writable `data` as rows of `hidden_size` elements.
     pub fn new<T: Element + DeviceRepr>(
         data: DeviceViewMut<'a, T>,
         hidden_size: usize,
@@ -492,10 +500,12 @@ impl<'a> DeviceRowsMut<'a> {
         })
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// `H`, elements in one row.
     pub fn hidden_size(&self) -> usize {
         self.hidden_size
     }
@@ -508,11 +518,14 @@ impl<'a> DeviceRowsMut<'a> {
 /// `topk_ids` `[N, K]` in device memory, i32 or i64.
 #[derive(Clone, Copy, Debug)]
 pub enum DeviceExpertIds<'a> {
+    /// `i32` ids.
     I32(DeviceView<'a, i32>),
+    /// `i64` ids.
     I64(DeviceView<'a, i64>),
 }
 
 impl DeviceExpertIds<'_> {
+    /// Number of ids.
     pub fn len(&self) -> usize {
         match self {
             DeviceExpertIds::I32(ids) => ids.len(),
@@ -520,6 +533,7 @@ impl DeviceExpertIds<'_> {
         }
     }
 
+    /// Whether there are no ids.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -554,19 +568,24 @@ pub struct DeviceTopkIds<'a> {
 }
 
 impl<'a> DeviceTopkIds<'a> {
+    /// Views `ids` as `[N, K]` with `K = topk`; fails when `topk` is 0 or `ids` is not
+    /// whole tokens.
     pub fn new(ids: DeviceExpertIds<'a>, topk: usize) -> Result<Self> {
         whole_rows("topk_ids", ids.len(), topk)?;
         Ok(Self { ids, topk })
     }
 
+    /// The ids, flat (`N*K`).
     pub fn ids(&self) -> DeviceExpertIds<'a> {
         self.ids
     }
 
+    /// `K`.
     pub fn topk(&self) -> usize {
         self.topk
     }
 
+    /// `N`.
     pub fn num_tokens(&self) -> usize {
         self.ids.len() / self.topk
     }
@@ -580,6 +599,8 @@ pub struct DeviceScales<'a> {
 }
 
 impl<'a> DeviceScales<'a> {
+    /// Views `data` as rows of `columns` scales; fails when `columns` is 0 or `data`
+    /// is not whole rows.
     pub fn new(data: DeviceView<'a, f32>, columns: usize) -> Result<Self> {
         whole_rows("scales", data.len(), columns)?;
         Ok(Self { data, columns })
@@ -589,14 +610,17 @@ impl<'a> DeviceScales<'a> {
         Self { data, columns }
     }
 
+    /// The scales, flat (`N*S`).
     pub fn data(&self) -> DeviceView<'a, f32> {
         self.data
     }
 
+    /// `S`.
     pub fn columns(&self) -> usize {
         self.columns
     }
 
+    /// `N`, the number of rows.
     pub fn num_rows(&self) -> usize {
         self.data.len() / self.columns
     }

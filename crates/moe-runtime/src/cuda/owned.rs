@@ -168,10 +168,12 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         }
     }
 
+    /// Number of elements.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the buffer has no elements.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -31,6 +31,8 @@ pub struct DevicePermuteInput<'a> {
 }
 
 impl<'a> DevicePermuteInput<'a> {
+    /// The inputs of a call without `expert_map` (global ids are local ids) and
+    /// without scales.
     pub fn new(hidden_states: DeviceRows<'a>, topk_ids: DeviceTopkIds<'a>) -> Self {
         Self {
             hidden_states,
@@ -40,11 +42,13 @@ impl<'a> DevicePermuteInput<'a> {
         }
     }
 
+    /// Routes through `expert_map` `[E]` (expert parallelism).
     pub fn with_expert_map(mut self, expert_map: DeviceView<'a, i32>) -> Self {
         self.expert_map = Some(expert_map);
         self
     }
 
+    /// Moves `scales` `[N, S]` with their rows.
     pub fn with_scales(mut self, scales: DeviceScales<'a>) -> Self {
         self.scales = Some(scales);
         self
@@ -121,6 +125,7 @@ pub struct DevicePermuteDest<'a> {
 pub struct DevicePermuteOutput<'a> {
     /// `[N*K, H]`: rows at and after the valid count are not written.
     pub permuted_hidden_states: DeviceRows<'a>,
+    /// `[N*K, S]`, when the input has scales.
     pub permuted_scales: Option<DeviceScales<'a>>,
     /// `[L + 1]`: the last element is the valid count.
     pub expert_first_token_offset: DeviceView<'a, i64>,

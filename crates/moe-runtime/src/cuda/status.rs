@@ -83,6 +83,7 @@ impl DeviceStatus<'_> {
         self.address
     }
 
+    /// The CUDA device the block is on.
     pub fn device(&self) -> Device {
         Device::Cuda(self.ordinal)
     }
