@@ -340,6 +340,17 @@ pub enum MoeError {
         /// The request's value (`Debug`).
         requested: String,
     },
+    /// A size the CUDA kernels index with 32 bits (a row's bytes, `H`, `L + 1`, a
+    /// grid's blocks) is larger than they take: refused before any launch.
+    #[error("{quantity} is {value}: the CUDA kernels take at most {max}")]
+    DeviceLimit {
+        /// What is too large.
+        quantity: &'static str,
+        /// Its value in this call.
+        value: u128,
+        /// The largest the kernels take.
+        max: u128,
+    },
     /// A size computed from caller-given numbers does not fit in usize (see
     /// [`size::product`](crate::size::product)).
     #[error("{quantity}: the product of {factors:?} does not fit in usize")]

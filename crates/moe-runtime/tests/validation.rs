@@ -815,3 +815,27 @@ fn index_overflow_is_reported_before_the_shapes() {
         }
     ));
 }
+
+#[test]
+fn device_views_and_layouts_refuse_sizes_that_overflow() {
+    use moe_runtime::cuda::{DeviceRows, DeviceView};
+    // SAFETY: a view of no elements: there is nothing it could read.
+    let nothing = unsafe { DeviceView::<u8>::from_raw(0, 0, 0) };
+    assert!(matches!(
+        DeviceRows::from_bytes(nothing, DType::BF16, usize::MAX),
+        Err(MoeError::SizeOverflow { .. })
+    ));
+    // A CUDA scratch's layout is computed without a GPU: rows whose bytes overflow are
+    // refused as they are when a scratch is built.
+    let config =
+        ScratchConfig::new(4, 2, 6, 6, Device::Cuda(0)).with_rows(usize::MAX / 2, DType::F32);
+    assert!(matches!(
+        PermuteScratch::cuda_memory_layout(&config),
+        Err(MoeError::SizeOverflow { .. })
+    ));
+    let fits = ScratchConfig::new(4, 2, 6, 6, Device::Cuda(0)).with_rows(8, DType::BF16);
+    let layout = PermuteScratch::cuda_memory_layout(&fits).unwrap();
+    assert_eq!(layout.alignment, moe_runtime::cuda::SCRATCH_ALIGNMENT);
+    // At least the rows (8 entries of 16 bytes) and the index buffers.
+    assert!(layout.bytes >= 8 * 16 + 2 * 8 * 4, "{layout:?}");
+}

@@ -19,6 +19,7 @@ use moe_runtime::cuda::{
     self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteDest, DevicePermuteInput,
     DeviceRows, DeviceRowsMut, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, Stream,
 };
+use moe_runtime::size::product;
 use moe_runtime::{DType, ScratchConfig};
 
 pub use blas::{Blas, GemmOutput};
@@ -58,18 +59,25 @@ impl Activations {
             config.num_experts,
             config.top_k,
         );
-        let entries = tokens * k;
+        // `tokens` may be a caller's max_num_tokens with no data behind it: every
+        // length is checked.
+        let len = |quantity, factors: &[usize]| product(quantity, factors);
+        let entries = len("activation entries (N * K)", &[tokens, k])?;
+        let rows = len("permuted activations (N * K * H)", &[entries, h])?;
         Ok(Self {
             tokens,
-            hidden: zeros(device, tokens * h)?,
-            logits: zeros(device, tokens * e)?,
+            hidden: zeros(device, len("hidden states (N * H)", &[tokens, h])?)?,
+            logits: zeros(device, len("router logits (N * E)", &[tokens, e])?)?,
             topk_ids: zeros(device, entries)?,
             topk_weights: zeros(device, entries)?,
-            permuted: zeros(device, if grouped { entries * h } else { 0 })?,
-            gate_up: zeros(device, entries * 2 * i)?,
-            act: zeros(device, entries * i)?,
-            expert_out: zeros(device, entries * h)?,
-            out: zeros(device, tokens * h)?,
+            permuted: zeros(device, if grouped { rows } else { 0 })?,
+            gate_up: zeros(
+                device,
+                len("gate/up activations (N * K * 2I)", &[entries, 2, i])?,
+            )?,
+            act: zeros(device, len("activations (N * K * I)", &[entries, i])?)?,
+            expert_out: zeros(device, rows)?,
+            out: zeros(device, len("block output (N * H)", &[tokens, h])?)?,
         })
     }
 }

@@ -70,7 +70,7 @@ pub fn unpermute_into<T: Accumulate>(input: &UnpermuteInput<'_, T>, out: &mut [T
         return Ok(());
     }
     let topk = input.topk;
-    let bytes_per_token = hidden_size * size_of::<T>() * (topk + 1);
+    let bytes_per_token = (hidden_size * size_of::<T>()).saturating_mul(topk + 1);
     let tokens_per_task = (TASK_BYTES / bytes_per_token).max(1);
     let permuted = input.permuted_hidden_states;
     out.par_chunks_mut(tokens_per_task * hidden_size)

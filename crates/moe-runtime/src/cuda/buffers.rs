@@ -18,6 +18,7 @@ use super::memory::Binding;
 use super::owned::DeviceMemory;
 use super::status::DeviceStatus;
 use crate::config::max_padded_rows;
+use crate::size::product;
 use crate::{ConfigError, MoeError, Result, ScratchConfig, ScratchMismatch};
 
 /// Alignment of the region and of every buffer in it.
@@ -69,18 +70,10 @@ pub(crate) struct Carving {
     total: usize,
 }
 
-/// `a * b`, or the error naming what overflowed.
-fn product(what: &'static str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b).ok_or(MoeError::OutOfMemory {
-        buffer: what,
-        bytes: a as u128 * b as u128,
-    })
-}
-
 impl Carving {
-    /// The buffers of `config` (which must pass [`ScratchConfig::check`]).
+    /// The buffers of `config`, after the checks of building any scratch.
     pub(crate) fn of(config: &ScratchConfig) -> Result<Self> {
-        config.check()?;
+        config.check_buildable()?;
         let local = config.num_local_experts;
         if local > MAX_LOCAL_EXPERTS as usize {
             return Err(ConfigError::TooManyLocalExperts {
@@ -108,9 +101,9 @@ impl Carving {
             let end = offset
                 .checked_add(bytes)
                 .and_then(|end| end.checked_next_multiple_of(SCRATCH_ALIGNMENT))
-                .ok_or(MoeError::OutOfMemory {
-                    buffer: what,
-                    bytes: offset as u128 + bytes as u128,
+                .ok_or_else(|| MoeError::SizeOverflow {
+                    quantity: what,
+                    factors: vec![offset, bytes],
                 })?;
             next = end;
             Ok(Region { offset, bytes })
@@ -120,13 +113,9 @@ impl Carving {
         let expert_first_token_offset = region("expert_first_token_offset", (local + 1) * 8)?;
         let permuted_idx = region("permuted_idx", entries * 4)?;
         let inv_permuted_idx = region("inv_permuted_idx", entries * 4)?;
-        let rows = product("permuted_hidden_states", entries, row_bytes)?;
-        let permuted_rows = region("permuted_hidden_states", rows)?;
-        let scales = product(
-            "permuted_scales",
-            entries,
-            product("permuted_scales", scales, 4)?,
-        )?;
+        let rows = product("permuted_hidden_states bytes", &[entries, row_bytes])?;
+        let permuted_rows = region("permuted_hidden_states bytes", rows)?;
+        let scales = product("permuted_scales bytes", &[entries, scales, 4])?;
         let permuted_scales = region("permuted_scales", scales)?;
         let sorted_ids = region("sorted_ids", padded * 4)?;
         let block_expert_ids = region("block_expert_ids", blocks * 4)?;

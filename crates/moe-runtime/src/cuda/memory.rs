@@ -365,14 +365,11 @@ fn whole_rows(tensor: &'static str, len: usize, columns: usize) -> Result<usize>
 }
 
 /// Bytes in a row of `hidden_size` elements of `dtype`; an error when that overflows.
-fn row_bytes(tensor: &'static str, hidden_size: usize, dtype: DType) -> Result<usize> {
-    hidden_size
-        .checked_mul(dtype.size_bytes())
-        .ok_or(MoeError::Shape {
-            tensor,
-            len: hidden_size,
-            expected: format!("a row of {dtype} whose byte count fits in usize"),
-        })
+fn row_bytes(hidden_size: usize, dtype: DType) -> Result<usize> {
+    crate::size::product(
+        "row bytes (hidden_size * dtype size)",
+        &[hidden_size, dtype.size_bytes()],
+    )
 }
 
 /// `[R, H]` rows of any [`DType`] in device memory, seen as bytes.
@@ -390,7 +387,7 @@ impl<'a> DeviceRows<'a> {
         hidden_size: usize,
     ) -> Result<Self> {
         whole_rows("rows", data.len(), hidden_size)?;
-        row_bytes("rows", hidden_size, T::DTYPE)?;
+        row_bytes(hidden_size, T::DTYPE)?;
         Ok(Self {
             bytes: data.bytes(),
             dtype: T::DTYPE,
@@ -401,7 +398,7 @@ impl<'a> DeviceRows<'a> {
     /// Views device bytes as rows of `hidden_size` elements of `dtype` (fp8 rows are
     /// bytes).
     pub fn from_bytes(bytes: DeviceView<'a, u8>, dtype: DType, hidden_size: usize) -> Result<Self> {
-        whole_rows("rows", bytes.len(), row_bytes("rows", hidden_size, dtype)?)?;
+        whole_rows("rows", bytes.len(), row_bytes(hidden_size, dtype)?)?;
         Ok(Self {
             bytes,
             dtype,
@@ -478,7 +475,7 @@ impl<'a> DeviceRowsMut<'a> {
         hidden_size: usize,
     ) -> Result<Self> {
         whole_rows("rows", data.len(), hidden_size)?;
-        row_bytes("rows", hidden_size, T::DTYPE)?;
+        row_bytes(hidden_size, T::DTYPE)?;
         Ok(Self {
             bytes: data.bytes(),
             dtype: T::DTYPE,
@@ -492,7 +489,7 @@ impl<'a> DeviceRowsMut<'a> {
         dtype: DType,
         hidden_size: usize,
     ) -> Result<Self> {
-        whole_rows("rows", bytes.len(), row_bytes("rows", hidden_size, dtype)?)?;
+        whole_rows("rows", bytes.len(), row_bytes(hidden_size, dtype)?)?;
         Ok(Self {
             bytes,
             dtype,

@@ -228,9 +228,5 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
 
 /// Bytes of `len` elements of `T`, or the error for a size no allocation can have.
 fn byte_len<T>(len: usize) -> Result<usize> {
-    len.checked_mul(size_of::<T>())
-        .ok_or(MoeError::OutOfMemory {
-            buffer: "device buffer",
-            bytes: len as u128 * size_of::<T>() as u128,
-        })
+    crate::size::product("device buffer bytes", &[len, size_of::<T>()])
 }

@@ -219,10 +219,10 @@ fn enqueue(
 ) -> Result<()> {
     let row_bytes = input.hidden_states.row_bytes();
     let Ok(row_bytes_u32) = u32::try_from(row_bytes) else {
-        return Err(MoeError::Shape {
-            tensor: "hidden_states",
-            len: input.hidden_states.hidden_size(),
-            expected: format!("rows of at most {} bytes on a CUDA device", u32::MAX),
+        return Err(MoeError::DeviceLimit {
+            quantity: "the bytes of a row of hidden_states",
+            value: row_bytes as u128,
+            max: u32::MAX.into(),
         });
     };
     let (rows, scales) = (rows.address(), scales.map_or(0, |s| s.address()));

@@ -107,16 +107,18 @@ pub fn unpermute_into(
     let device = stream.device();
     views.check_devices(device.device())?;
     views.check_streams(stream)?;
-    let (Ok(hidden_u32), Ok(num_offsets)) = (
-        u32::try_from(hidden),
-        u32::try_from(input.expert_first_token_offset.len()),
-    ) else {
-        return Err(MoeError::Shape {
-            tensor: "permuted_hidden_states",
-            len: hidden,
-            expected: "a hidden size and L + 1 within u32 on a CUDA device".into(),
-        });
+    let limit = |quantity, value: usize| {
+        u32::try_from(value).map_err(|_| MoeError::DeviceLimit {
+            quantity,
+            value: value as u128,
+            max: u32::MAX.into(),
+        })
     };
+    let hidden_u32 = limit("hidden_size", hidden)?;
+    let num_offsets = limit(
+        "expert_first_token_offset's length",
+        input.expert_first_token_offset.len(),
+    )?;
     let num_tokens = dims.num_tokens;
     let params = UnpermuteParams {
         num_tokens: num_tokens as u32,
@@ -147,13 +149,10 @@ pub fn unpermute_into(
         UNPERMUTE_VECTORS_PER_THREAD,
         num_tokens as u32,
     );
-    let Some(blocks) = (num_tokens as u32).checked_mul(parts) else {
-        return Err(MoeError::Shape {
-            tensor: "inv_permuted_idx",
-            len: input.inv_permuted_idx.len(),
-            expected: "fewer tokens than a grid can cover".into(),
-        });
-    };
+    let blocks = limit(
+        "the blocks of unpermute's grid (N * blocks per row)",
+        num_tokens * parts as usize,
+    )?;
     let grid = Grid {
         blocks,
         threads: ROW_THREADS,
