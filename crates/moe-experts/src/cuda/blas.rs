@@ -45,13 +45,7 @@ impl Blas {
                 reason: "libcublas was not found".into(),
             });
         }
-        device
-            .context()
-            .bind_to_thread()
-            .map_err(|source| moe_runtime::MoeError::Driver {
-                action: "make the CUDA context current",
-                source,
-            })?;
+        super::kernels::bind(&device)?;
         let handle = result::create_handle().map_err(|source| ExpertsError::Blas {
             action: "create a cuBLAS handle",
             source,
@@ -92,18 +86,10 @@ impl Blas {
                 });
             }
         }
-        let streams = [("a", a.stream()), ("b", b.stream()), ("c", c.stream())];
-        if let Some((tensor, Some(bound))) = streams
-            .into_iter()
-            .find(|(_, bound)| bound.is_some_and(|bound| bound != stream.id()))
-        {
-            return Err(moe_runtime::MoeError::StreamMismatch {
-                tensor,
-                bound,
-                call: stream.id(),
-            }
-            .into());
-        }
+        super::kernels::check_streams(
+            stream,
+            &[("a", a.stream()), ("b", b.stream()), ("c", c.stream())],
+        )?;
         if m == 0 || n == 0 {
             return Ok(());
         }

@@ -24,8 +24,23 @@ fn too_small(tensor: &'static str, len: usize, want: Option<usize>) -> Result<()
     Ok(())
 }
 
+/// Makes `device`'s context current on this thread (what a driver or cuBLAS call
+/// needs first).
+pub(super) fn bind(device: &moe_runtime::cuda::CudaDevice) -> Result<()> {
+    device.context().bind_to_thread().map_err(|source| {
+        moe_runtime::MoeError::Driver {
+            action: "make the CUDA context current",
+            source,
+        }
+        .into()
+    })
+}
+
 /// Every view usable on `stream`, named by the first that is not.
-fn check_streams(stream: &Stream<'_>, views: &[(&'static str, Option<usize>)]) -> Result<()> {
+pub(super) fn check_streams(
+    stream: &Stream<'_>,
+    views: &[(&'static str, Option<usize>)],
+) -> Result<()> {
     match views
         .iter()
         .find(|(_, bound)| bound.is_some_and(|bound| bound != stream.id()))
@@ -163,14 +178,7 @@ pub fn copy_device<T: cuda::DeviceRepr>(
     if src.is_empty() {
         return Ok(());
     }
-    stream
-        .device()
-        .context()
-        .bind_to_thread()
-        .map_err(|source| moe_runtime::MoeError::Driver {
-            action: "make the CUDA context current",
-            source,
-        })?;
+    bind(stream.device())?;
     // SAFETY: both ranges are device memory of at least `src.len()` elements (checked
     // above), usable on `stream`; the views' borrows keep them alive and unaliased.
     unsafe {
