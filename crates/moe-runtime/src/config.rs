@@ -176,6 +176,19 @@ impl ScratchConfig {
         }
     }
 
+    /// A scratch sized for exactly one call of `num_tokens` tokens of `topk` that owns
+    /// rows of `spec`: what the allocating baselines build for every call.
+    pub(crate) fn for_one_call(
+        spec: RowSpec,
+        (num_tokens, topk): (usize, usize),
+        (num_experts, num_local_experts): (usize, usize),
+        device: Device,
+    ) -> Self {
+        Self::new(num_tokens, topk, num_experts, num_local_experts, device)
+            .with_rows(spec.hidden_size, spec.dtype)
+            .with_scale_columns(spec.scale_columns)
+    }
+
     /// The scratch also owns `permuted_hidden_states` of `hidden_size` elements of `dtype`.
     pub fn with_rows(mut self, hidden_size: usize, dtype: DType) -> Self {
         self.rows = Some(RowSpec {

@@ -46,15 +46,12 @@ pub fn permute(
     num_local_experts: usize,
 ) -> Result<Permuted> {
     let spec = input.row_spec();
-    let config = ScratchConfig::new(
-        input.topk_ids.num_tokens(),
-        input.topk_ids.topk(),
-        num_experts,
-        num_local_experts,
+    let config = ScratchConfig::for_one_call(
+        spec,
+        (input.topk_ids.num_tokens(), input.topk_ids.topk()),
+        (num_experts, num_local_experts),
         Device::Cpu,
-    )
-    .with_rows(spec.hidden_size, spec.dtype)
-    .with_scale_columns(spec.scale_columns);
+    );
     let mut scratch = PermuteScratch::new(config)?;
     super::permute(&mut scratch, input)?;
     Ok(Permuted { scratch, spec })

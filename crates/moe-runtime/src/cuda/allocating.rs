@@ -67,15 +67,12 @@ pub fn permute<'a>(
     num_local_experts: usize,
 ) -> Result<Permuted<'a>> {
     let spec = input.row_spec();
-    let config = ScratchConfig::new(
-        input.topk_ids.num_tokens(),
-        input.topk_ids.topk(),
-        num_experts,
-        num_local_experts,
+    let config = ScratchConfig::for_one_call(
+        spec,
+        (input.topk_ids.num_tokens(), input.topk_ids.topk()),
+        (num_experts, num_local_experts),
         device.device(),
-    )
-    .with_rows(spec.hidden_size, spec.dtype)
-    .with_scale_columns(spec.scale_columns);
+    );
     // SAFETY: the scratch lives in the returned value, which borrows the stream for
     // 'a: the stream outlives the free queued on it when the scratch is dropped.
     let mut scratch = unsafe { PermuteScratch::on_stream(config, device.clone(), stream)? };

@@ -16,7 +16,7 @@ use super::device::{CudaDevice, Stream, StreamId, driver_error};
 use super::launch::route_chunks;
 use super::memory::Binding;
 use super::owned::DeviceMemory;
-use super::status::DeviceStatus;
+use super::status::{DeviceStatus, clear_async};
 use crate::config::max_padded_rows;
 use crate::size::product;
 use crate::{ConfigError, MoeError, Result, ScratchConfig, ScratchMismatch};
@@ -196,15 +196,7 @@ impl CudaBuffers {
         // SAFETY: the caller's contract; the scratch stays bound to `stream`.
         let memory = unsafe { DeviceMemory::allocate_on(stream, "the scratch", carving.total)? };
         // SAFETY: the status block lies in the allocation; ordered on its stream.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(
-                memory.address() + carving.status.offset as u64,
-                0xFF,
-                STATUS_BYTES,
-                stream.cu_stream(),
-            )
-        }
-        .map_err(driver_error("clear the scratch's status block"))?;
+        unsafe { clear_async(memory.address() + carving.status.offset as u64, stream)? };
         Self::with_memory(device, Memory::Owned(memory), carving, Some(stream.id()))
     }
 
@@ -239,18 +231,9 @@ impl CudaBuffers {
         if !device.same_context(stream.device()) {
             return Err(foreign(&device, stream));
         }
-        stream.device().bind_to_thread()?;
         // SAFETY: the status block lies in the caller's region (checked above), which
         // the caller guarantees is valid and the scratch's; ordered on `stream`.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(
-                address + carving.status.offset as u64,
-                0xFF,
-                STATUS_BYTES,
-                stream.cu_stream(),
-            )
-        }
-        .map_err(driver_error("clear the scratch's status block"))?;
+        unsafe { clear_async(address + carving.status.offset as u64, stream)? };
         Self::with_memory(
             device,
             Memory::Caller { address },

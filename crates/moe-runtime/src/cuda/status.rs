@@ -122,15 +122,7 @@ impl DeviceStatus<'_> {
             return Ok(());
         }
         // SAFETY: as above; the clear is ordered after the calls that recorded.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(
-                self.address,
-                0xFF,
-                STATUS_BYTES,
-                stream.cu_stream(),
-            )
-        }
-        .map_err(driver_error("clear the device status"))?;
+        unsafe { clear_async(self.address, stream)? };
         Err(decode(&block))
     }
 
@@ -141,6 +133,21 @@ impl DeviceStatus<'_> {
         }
         Ok(())
     }
+}
+
+/// Clears the status block at `address` (every word [`STATUS_CLEAR`]), queued on
+/// `stream`.
+///
+/// # Safety
+/// `address` is `STATUS_BYTES` of device memory of the stream's context, not freed
+/// before the clear has run, and used by nothing unordered with `stream`.
+pub(crate) unsafe fn clear_async(address: u64, stream: &Stream<'_>) -> Result<()> {
+    stream.device().bind_to_thread()?;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        cudarc::driver::result::memset_d8_async(address, 0xFF, STATUS_BYTES, stream.cu_stream())
+    }
+    .map_err(driver_error("clear a status block"))
 }
 
 /// The error a recorded block stands for: the same value the CPU returns.
