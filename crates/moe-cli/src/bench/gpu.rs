@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaGraph, CudaStream, sys};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, sys};
 use half::bf16;
 use moe_experts::{CudaMoeBlock, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace};
 use moe_runtime::cuda::{
@@ -82,18 +82,25 @@ fn copy_bandwidth(stream: &Arc<CudaStream>) -> anyhow::Result<f64> {
     Ok(2.0 * bytes as f64 / (us * 1e3))
 }
 
-/// One input set on the device.
+/// One input set on the device, in memory from the stream-ordered pool (as a serving
+/// stack's caching allocator hands out): allocated and freed per buffer with
+/// `cuMemAlloc` instead, the input sets of one measurement landed where later graph
+/// replays ran up to 0.8 us per call slower (measured on the H200; see
+/// docs/benchmarks.md), which timed the allocator, not the calls.
 struct DeviceSet {
-    hidden: DeviceBuffer<bf16>,
-    ids: DeviceBuffer<i32>,
-    weights: DeviceBuffer<f32>,
+    hidden: CudaSlice<bf16>,
+    ids: CudaSlice<i32>,
+    weights: CudaSlice<f32>,
 }
 
 impl DeviceSet {
     fn input(&self, shape: &Shape) -> anyhow::Result<DevicePermuteInput<'_>> {
         Ok(DevicePermuteInput::new(
-            DeviceRows::new(self.hidden.view(), shape.hidden)?,
-            DeviceTopkIds::new(DeviceExpertIds::I32(self.ids.view()), shape.topk)?,
+            DeviceRows::new(cuda::DeviceView::new(&self.hidden), shape.hidden)?,
+            DeviceTopkIds::new(
+                DeviceExpertIds::I32(cuda::DeviceView::new(&self.ids)),
+                shape.topk,
+            )?,
         ))
     }
 }
@@ -108,6 +115,10 @@ pub(crate) fn run(
     // Timing and graph capture use cudarc on this stream; the calls under test get it
     // as their per-call stream.
     let stream = device.new_stream()?;
+    // SAFETY: every buffer of the benchmark is used on this one stream only, so
+    // cudarc's cross-stream events are not needed; with them, a view of a cudarc
+    // slice would make the stream wait on an event recorded outside the capture.
+    unsafe { stream.context().disable_event_tracking() };
     let call_stream = device.stream(&stream)?;
     let card = device.name()?;
     let l2 = stream
@@ -134,9 +145,9 @@ pub(crate) fn run(
                 .map(|s| {
                     let x = inputs(shape, n, (n * 1000 + s) as u64);
                     Ok(DeviceSet {
-                        hidden: DeviceBuffer::from_host(&device, &x.hidden)?,
-                        ids: DeviceBuffer::from_host(&device, &x.ids)?,
-                        weights: DeviceBuffer::from_host(&device, &x.weights)?,
+                        hidden: stream.clone_htod(&x.hidden)?,
+                        ids: stream.clone_htod(&x.ids)?,
+                        weights: stream.clone_htod(&x.weights)?,
                     })
                 })
                 .collect::<anyhow::Result<_>>()?;
@@ -182,8 +193,8 @@ pub(crate) fn run(
                     )?)
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let mut outs: Vec<DeviceBuffer<bf16>> = (0..sets)
-                .map(|_| Ok(DeviceBuffer::zeros(&device, n * shape.hidden)?))
+            let mut outs: Vec<CudaSlice<bf16>> = (0..sets)
+                .map(|_| Ok(stream.alloc_zeros::<bf16>(n * shape.hidden)?))
                 .collect::<anyhow::Result<_>>()?;
             let status = StatusBuffer::new(&device)?;
             let combines: Vec<DeviceUnpermuteInput<'_>> = routed
@@ -195,14 +206,14 @@ pub(crate) fn run(
                         permuted_hidden_states: out.permuted_hidden_states,
                         inv_permuted_idx: out.inv_permuted_idx,
                         expert_first_token_offset: out.expert_first_token_offset,
-                        topk_weights: set.weights.view(),
+                        topk_weights: cuda::DeviceView::new(&set.weights),
                         topk: shape.topk,
                         status: status.view(),
                     })
                 })
                 .collect::<anyhow::Result<_>>()?;
             let (scratch_graph, scratch_eager) = time_calls(&stream, sets, |s| {
-                let out = DeviceRowsMut::new(outs[s].view_mut(), shape.hidden)?;
+                let out = DeviceRowsMut::new(cuda::DeviceViewMut::new(&mut outs[s]), shape.hidden)?;
                 Ok(cuda::unpermute_into(&call_stream, &combines[s], out)?)
             })?;
             let (alloc_graph, alloc_eager) = time_calls(&stream, sets, |s| {
