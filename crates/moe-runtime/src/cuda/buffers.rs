@@ -16,7 +16,7 @@ use super::device::{CudaDevice, Stream, StreamId, driver_error};
 use super::launch::route_chunks;
 use super::memory::Binding;
 use super::owned::DeviceMemory;
-use super::status::{DeviceStatus, clear_async};
+use super::status::{DeviceStatus, STATUS_CLEAR_BYTE, clear_async};
 use crate::config::max_padded_rows;
 use crate::size::product;
 use crate::{ConfigError, MoeError, Result, ScratchConfig, ScratchMismatch};
@@ -32,6 +32,35 @@ pub struct ScratchMemoryLayout {
     pub bytes: usize,
     /// The alignment of the region's start, in bytes ([`SCRATCH_ALIGNMENT`]).
     pub alignment: usize,
+    /// Where the outputs lie in the region, so that a caller whose allocator owns the
+    /// region can make its own tensors over them.
+    pub offsets: ScratchOffsets,
+}
+
+/// Byte offsets, from the region's start, of the buffers a call's outputs are views
+/// of. A call of `N` tokens uses the start of each: `[N*K]` of `permuted_idx`, and
+/// so on. The align buffers are at offset 0 with no bytes when the configuration
+/// has no align block size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScratchOffsets {
+    /// The status block ([`STATUS_BYTES`] bytes) the scratch's calls record bad input in.
+    pub status: usize,
+    /// `[L + 1]` i64.
+    pub expert_first_token_offset: usize,
+    /// `[max N*K]` i32.
+    pub permuted_idx: usize,
+    /// `[max N*K]` i32.
+    pub inv_permuted_idx: usize,
+    /// `[max N*K, H]` rows, when the configuration has rows.
+    pub permuted_hidden_states: usize,
+    /// `[max N*K, S]` f32, when the configuration has scale columns.
+    pub permuted_scales: usize,
+    /// align: `[max padded rows]` i32.
+    pub sorted_ids: usize,
+    /// align: `[max padded rows / block size]` i32.
+    pub block_expert_ids: usize,
+    /// align: one i32.
+    pub num_rows_post_padded: usize,
 }
 
 /// A buffer's place in the region.
@@ -141,6 +170,17 @@ impl Carving {
         ScratchMemoryLayout {
             bytes: self.total,
             alignment: SCRATCH_ALIGNMENT,
+            offsets: ScratchOffsets {
+                status: self.status.offset,
+                expert_first_token_offset: self.expert_first_token_offset.offset,
+                permuted_idx: self.permuted_idx.offset,
+                inv_permuted_idx: self.inv_permuted_idx.offset,
+                permuted_hidden_states: self.permuted_rows.offset,
+                permuted_scales: self.permuted_scales.offset,
+                sorted_ids: self.sorted_ids.offset,
+                block_expert_ids: self.block_expert_ids.offset,
+                num_rows_post_padded: self.num_rows_post_padded.offset,
+            },
         }
     }
 }
@@ -176,7 +216,12 @@ impl CudaBuffers {
     pub(crate) fn allocate(config: &ScratchConfig, device: Arc<CudaDevice>) -> Result<Self> {
         let carving = Carving::of(config)?;
         let memory = DeviceMemory::allocate(&device, "the scratch", carving.total)?;
-        memory.fill_sync(&device, carving.status.offset, STATUS_BYTES, 0xFF)?;
+        memory.fill_sync(
+            &device,
+            carving.status.offset,
+            STATUS_BYTES,
+            STATUS_CLEAR_BYTE,
+        )?;
         Self::with_memory(device, Memory::Owned(memory), carving, None)
     }
 
@@ -379,5 +424,50 @@ fn foreign(device: &CudaDevice, stream: &Stream<'_>) -> MoeError {
     MoeError::ForeignStream {
         device: device.device(),
         stream_device: stream.device().device(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DType, Device};
+
+    /// The published offsets are where the carving puts the buffers: aligned, inside
+    /// the region, and each with room for its buffer before the next one starts.
+    #[test]
+    fn layout_offsets_name_disjoint_aligned_buffers() {
+        for (tokens, topk, experts, local, hidden, block) in [
+            (1, 1, 1, 1, 16, 1),
+            (37, 8, 256, 32, 7168, 64),
+            (513, 2, 8, 8, 4096, 16),
+        ] {
+            let config = ScratchConfig::new(tokens, topk, experts, local, Device::Cuda(0))
+                .with_rows(hidden, DType::BF16)
+                .with_scale_columns(3)
+                .with_align_block_size(block);
+            let layout = Carving::of(&config).unwrap().layout();
+            let entries = tokens * topk;
+            let padded = max_padded_rows(entries, local, block);
+            let o = layout.offsets;
+            let mut buffers = [
+                (o.status, STATUS_BYTES),
+                (o.expert_first_token_offset, (local + 1) * 8),
+                (o.permuted_idx, entries * 4),
+                (o.inv_permuted_idx, entries * 4),
+                (o.permuted_hidden_states, entries * hidden * 2),
+                (o.permuted_scales, entries * 3 * 4),
+                (o.sorted_ids, padded * 4),
+                (o.block_expert_ids, padded.div_ceil(block) * 4),
+                (o.num_rows_post_padded, 4),
+            ];
+            buffers.sort();
+            for pair in buffers.windows(2) {
+                assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{buffers:?}");
+            }
+            for (offset, bytes) in buffers {
+                assert_eq!(offset % layout.alignment, 0);
+                assert!(offset + bytes <= layout.bytes);
+            }
+        }
     }
 }

@@ -35,7 +35,7 @@ mod unpermute;
 pub(crate) use buffers::{Carving, CudaBuffers};
 
 pub use align::{DeviceAlignOutput, align};
-pub use buffers::{SCRATCH_ALIGNMENT, ScratchMemoryLayout};
+pub use buffers::{SCRATCH_ALIGNMENT, ScratchMemoryLayout, ScratchOffsets};
 pub use device::{CudaDevice, CudaLibrary, Stream, StreamId};
 pub use launch::{Grid, MULTI_BLOCK_CHUNK, SINGLE_BLOCK_ENTRIES, launch, route_launches};
 pub use memory::{
@@ -46,7 +46,7 @@ pub use owned::DeviceBuffer;
 pub use permute::{
     DevicePermuteDest, DevicePermuteInput, DevicePermuteOutput, permute, permute_into,
 };
-pub use status::{DeviceStatus, StatusBuffer};
+pub use status::{DeviceStatus, STATUS_BYTES, STATUS_CLEAR_BYTE, StatusBuffer};
 pub use unpermute::{DeviceUnpermuteInput, unpermute_into};
 
 /// cudarc itself, for what the re-exports above do not cover (the version this crate

@@ -18,7 +18,12 @@
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use moe_kernels::{STATUS_BYTES, STATUS_CLEAR, StatusBlock, status_op};
+pub use moe_kernels::STATUS_BYTES;
+use moe_kernels::{STATUS_CLEAR, StatusBlock, status_op};
+
+/// The byte a clear status block holds in every position: a caller that keeps a
+/// block in its own memory ([`DeviceStatus::from_raw`]) fills it with this once.
+pub const STATUS_CLEAR_BYTE: u8 = 0xFF;
 
 use super::device::{CudaDevice, Stream, driver_error};
 use super::memory::Binding;
@@ -76,6 +81,20 @@ impl DeviceStatus<'_> {
             checked,
             _borrow: PhantomData,
         }
+    }
+
+    /// A status block in memory the caller owns (a PyTorch tensor, say), usable on
+    /// any stream.
+    ///
+    /// # Safety
+    /// - `address` is [`STATUS_BYTES`] of device memory on CUDA device `ordinal`,
+    ///   8-byte aligned, filled with [`STATUS_CLEAR_BYTE`] before its first use;
+    /// - it stays allocated until every call given the block has finished on the
+    ///   device;
+    /// - the calls that record into it and the checks that read it are ordered by the
+    ///   caller (one stream, or events), and nothing else writes it.
+    pub unsafe fn from_raw(address: u64, ordinal: usize, checked: bool) -> Self {
+        Self::from_parts(address, ordinal, Binding::ANY_STREAM, checked)
     }
 
     /// The block's device address (what kernels receive).
@@ -145,7 +164,12 @@ pub(crate) unsafe fn clear_async(address: u64, stream: &Stream<'_>) -> Result<()
     stream.device().bind_to_thread()?;
     // SAFETY: as the caller guarantees.
     unsafe {
-        cudarc::driver::result::memset_d8_async(address, 0xFF, STATUS_BYTES, stream.cu_stream())
+        cudarc::driver::result::memset_d8_async(
+            address,
+            STATUS_CLEAR_BYTE,
+            STATUS_BYTES,
+            stream.cu_stream(),
+        )
     }
     .map_err(driver_error("clear a status block"))
 }
@@ -191,7 +215,7 @@ impl StatusBuffer {
     /// A clear status block on `device` (allocates; not while capturing a graph).
     pub fn new(device: &CudaDevice) -> Result<Self> {
         let memory = super::owned::DeviceMemory::allocate(device, "status block", STATUS_BYTES)?;
-        memory.fill_sync(device, 0, STATUS_BYTES, 0xFF)?;
+        memory.fill_sync(device, 0, STATUS_BYTES, STATUS_CLEAR_BYTE)?;
         Ok(Self {
             memory,
             ordinal: device.ordinal(),
