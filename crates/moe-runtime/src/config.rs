@@ -15,7 +15,7 @@ const MAX_INDEX: u128 = i32::MAX as u128;
 
 /// Length of align's `sorted_ids` for `entries` entries: each of the at most
 /// `min(L, entries)` non-empty experts adds at most `block_size - 1` padding rows.
-pub(crate) fn max_padded_rows(entries: usize, num_local: usize, block_size: usize) -> usize {
+pub fn max_padded_rows(entries: usize, num_local: usize, block_size: usize) -> usize {
     entries + entries.min(num_local) * (block_size - 1)
 }
 

@@ -60,7 +60,7 @@ mod tensor;
 mod unpermute_check;
 mod workspace;
 
-pub use config::{CallShape, RowSpec, ScratchConfig};
+pub use config::{CallShape, RowSpec, ScratchConfig, max_padded_rows};
 pub use device::Device;
 pub use dtype::{Accumulate, DType, Element, F8E4M3, F8E5M2};
 pub use error::{ConfigError, MoeError, Result, ScratchMismatch};
