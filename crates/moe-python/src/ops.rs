@@ -66,7 +66,6 @@ pub(crate) fn permute(
     // The device work is queued (or, on the CPU, done) without Python's lock.
     py.detach(|| {
         let mut inner = scratch.lock();
-        inner.check_workspace(&args.workspace)?;
         match inner.place {
             Place::Cpu => permute_cpu(&mut inner, &args),
             Place::Cuda(ordinal) => permute_cuda(&mut inner, &args, ordinal, stream, checked),
@@ -152,8 +151,7 @@ fn permute_cuda(
 ) -> PyResult<()> {
     let device = cuda_device(ordinal)?;
     let stream = caller_stream(&device, stream);
-    inner.use_stream(&stream)?;
-    inner.scratch.set_checked(checked);
+    let mut scratch = inner.for_call(&args.workspace, &stream, checked)?;
     let hidden_dtype = args.hidden.row_dtype()?;
     let input = DevicePermuteInput::new(
         DeviceRows::from_bytes(device_bytes(&args.hidden), hidden_dtype, args.hidden_size)
@@ -179,11 +177,12 @@ fn permute_cuda(
         .map_err(moe_error)?,
         scales: args.out_scales.as_ref().map(device_view_mut),
     };
-    cuda::permute_into(&mut inner.scratch, &stream, &input, dest).map_err(moe_error)?;
+    cuda::permute_into(scratch.get(), &stream, &input, dest).map_err(moe_error)?;
     Ok(())
 }
 
 fn permute_cpu(inner: &mut Inner, args: &PermuteArgs) -> PyResult<()> {
+    inner.check_workspace(&args.workspace)?;
     let hidden = Rows::from_bytes(
         host_slice::<u8>(&args.hidden),
         args.hidden.row_dtype()?,
@@ -363,7 +362,6 @@ pub(crate) fn align(
     check_disjoint(&[&workspace], &all)?;
     py.detach(|| {
         let mut inner = scratch.lock();
-        inner.check_workspace(&workspace)?;
         align_on(
             &mut inner,
             &topk_ids,
@@ -387,6 +385,7 @@ fn align_on(
 ) -> PyResult<()> {
     match inner.place {
         Place::Cpu => {
+            inner.check_workspace(workspace)?;
             let o = inner.layout.offsets;
             let map = expert_map.map(host_slice::<i32>);
             let out = cpu::align(&mut inner.scratch, &host_ids(topk_ids, topk)?, map)
@@ -407,11 +406,10 @@ fn align_on(
         Place::Cuda(ordinal) => {
             let device = cuda_device(ordinal)?;
             let stream = caller_stream(&device, stream);
-            inner.use_stream(&stream)?;
-            inner.scratch.set_checked(checked);
+            let mut scratch = inner.for_call(workspace, &stream, checked)?;
             let ids = device_ids(topk_ids, topk)?;
             let map = expert_map.map(device_view::<i32>);
-            cuda::align(&mut inner.scratch, &stream, &ids, map).map_err(moe_error)?;
+            cuda::align(scratch.get(), &stream, &ids, map).map_err(moe_error)?;
             Ok(())
         }
     }

@@ -167,29 +167,77 @@ impl NativeScratch {
     }
 }
 
+/// The scratch a CUDA call uses: the object's own, or one reopened over a copy of
+/// its workspace.
+pub(crate) enum CallScratch<'a> {
+    Own(&'a mut PermuteScratch),
+    Copy(Box<PermuteScratch>),
+}
+
+impl CallScratch<'_> {
+    pub(crate) fn get(&mut self) -> &mut PermuteScratch {
+        match self {
+            Self::Own(scratch) => scratch,
+            Self::Copy(scratch) => scratch,
+        }
+    }
+}
+
 impl Inner {
-    /// Checks that `workspace` is this scratch's own.
+    /// Checks that `workspace` can be this scratch's: on its device, large enough.
     pub(crate) fn check_workspace(&self, workspace: &Tensor) -> PyResult<()> {
-        if workspace.address != self.workspace
-            || workspace.place != self.place
-            || workspace.bytes() < self.layout.bytes
-        {
-            return Err(input_error(
-                "workspace is not the memory this scratch was built over".into(),
-            ));
+        if workspace.place != self.place || workspace.bytes() < self.layout.bytes {
+            return Err(input_error(format!(
+                "workspace ({} bytes on {:?}) is not this scratch's ({} bytes on {:?})",
+                workspace.bytes(),
+                workspace.place,
+                self.layout.bytes,
+                self.place
+            )));
         }
         Ok(())
     }
 
-    /// Binds the scratch to the caller's stream.
-    pub(crate) fn use_stream(&mut self, stream: &Stream<'_>) -> PyResult<()> {
-        if self.scratch.bound_stream() != Some(stream.id()) {
-            // SAFETY: PyTorch's rule: work on a tensor from two streams is ordered by
-            // the caller (torch.cuda.graph makes its capture stream wait for the
-            // current one, as a caller that switches streams must).
-            unsafe { self.scratch.assume_stream(stream) }.map_err(moe_error)?;
-        }
-        Ok(())
+    /// The scratch for a CUDA call over `workspace` on `stream`: the object's own when
+    /// `workspace` is its memory (bound to the caller's stream), else one over the
+    /// copy PyTorch's functionalization (torch.compile) gave the op, status block and
+    /// all.
+    pub(crate) fn for_call(
+        &mut self,
+        workspace: &Tensor,
+        stream: &Stream<'_>,
+        checked: bool,
+    ) -> PyResult<CallScratch<'_>> {
+        self.check_workspace(workspace)?;
+        let mut call = if workspace.address == self.workspace {
+            if self.scratch.bound_stream() != Some(stream.id()) {
+                // SAFETY: PyTorch's rule: work on a tensor from two streams is ordered
+                // by the caller (torch.cuda.graph makes its capture stream wait for the
+                // current one, as a caller that switches streams must).
+                unsafe { self.scratch.assume_stream(stream) }.map_err(moe_error)?;
+            }
+            CallScratch::Own(&mut self.scratch)
+        } else {
+            let config = self.scratch.config().clone();
+            let device = stream.device();
+            // SAFETY: `workspace` is a live CUDA tensor of at least the layout's bytes
+            // on this device (checked above; the Python call holds it), a copy of this
+            // scratch's workspace (the only workspace the Python layer passes with this
+            // scratch's id), used on the caller's stream like every tensor here.
+            let scratch = unsafe {
+                PermuteScratch::reopen_cuda_memory(
+                    config,
+                    cuda_device(device.ordinal())?,
+                    workspace.address,
+                    workspace.bytes(),
+                    stream,
+                )
+            }
+            .map_err(moe_error)?;
+            CallScratch::Copy(Box::new(scratch))
+        };
+        call.get().set_checked(checked);
+        Ok(call)
     }
 }
 

@@ -91,7 +91,33 @@ impl PermuteScratch {
     ) -> Result<Self> {
         check_cuda_device(&config, &device)?;
         // SAFETY: the caller's contract, passed on.
-        let buffers = unsafe { CudaBuffers::in_memory(&config, device, address, bytes, stream)? };
+        let buffers =
+            unsafe { CudaBuffers::in_memory(&config, device, address, bytes, stream, true)? };
+        Ok(Self {
+            config,
+            storage: Storage::Cuda(Box::new(buffers)),
+        })
+    }
+
+    /// [`Self::in_cuda_memory`] over a region that already holds a scratch of an
+    /// equal configuration (or a byte copy of one, as PyTorch's functionalization
+    /// hands an op a copy of a tensor it mutates): the status block is left as it is,
+    /// so errors recorded there are still reported. Queues nothing.
+    ///
+    /// # Safety
+    /// As [`Self::in_cuda_memory`], and the region's status block was set up by
+    /// [`Self::in_cuda_memory`] for an equal configuration (or copied from one).
+    pub unsafe fn reopen_cuda_memory(
+        config: ScratchConfig,
+        device: Arc<CudaDevice>,
+        address: u64,
+        bytes: usize,
+        stream: &Stream<'_>,
+    ) -> Result<Self> {
+        check_cuda_device(&config, &device)?;
+        // SAFETY: the caller's contract, passed on.
+        let buffers =
+            unsafe { CudaBuffers::in_memory(&config, device, address, bytes, stream, false)? };
         Ok(Self {
             config,
             storage: Storage::Cuda(Box::new(buffers)),

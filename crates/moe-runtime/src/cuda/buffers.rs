@@ -246,16 +246,18 @@ impl CudaBuffers {
     }
 
     /// A scratch over `bytes` of the caller's memory at `address`, bound to `stream`
-    /// (where its status block is cleared).
+    /// (where its status block is cleared when `clear_status`).
     ///
     /// # Safety
-    /// As [`crate::PermuteScratch::in_cuda_memory`].
+    /// As [`crate::PermuteScratch::in_cuda_memory`]; without `clear_status`, as
+    /// [`crate::PermuteScratch::reopen_cuda_memory`].
     pub(crate) unsafe fn in_memory(
         config: &ScratchConfig,
         device: Arc<CudaDevice>,
         address: u64,
         bytes: usize,
         stream: &Stream<'_>,
+        clear_status: bool,
     ) -> Result<Self> {
         let carving = Carving::of(config)?;
         let layout = carving.layout();
@@ -276,9 +278,12 @@ impl CudaBuffers {
         if !device.same_context(stream.device()) {
             return Err(foreign(&device, stream));
         }
-        // SAFETY: the status block lies in the caller's region (checked above), which
-        // the caller guarantees is valid and the scratch's; ordered on `stream`.
-        unsafe { clear_async(address + carving.status.offset as u64, stream)? };
+        if clear_status {
+            // SAFETY: the status block lies in the caller's region (checked above),
+            // which the caller guarantees is valid and the scratch's; ordered on
+            // `stream`.
+            unsafe { clear_async(address + carving.status.offset as u64, stream)? };
+        }
         Self::with_memory(
             device,
             Memory::Caller { address },
