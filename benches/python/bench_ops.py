@@ -205,7 +205,7 @@ def capture(work: Callable[[], None], what: str) -> Optional[torch.cuda.CUDAGrap
     try:
         with torch.cuda.graph(graph):
             work()
-    except RuntimeError as error:
+    except Exception as error:  # a sync inside the capture, or an argument check
         # torch.cuda.graph leaves its side stream current when ending the capture fails.
         torch.cuda.set_stream(stream)
         torch.cuda.synchronize()
@@ -250,8 +250,11 @@ def measure_shape_tokens(
     """Timings of permute and unpermute at ``n`` tokens of ``shape``, by op."""
     sets = set_count(shape, n, l2_bytes)
     inputs = [random_set(shape, n, n * 1000 + s, device) for s in range(sets)]
+    # The scratch owns the permuted rows too (vLLM's Humming-style backends), so a call
+    # allocates nothing: what the eager figure then shows is the call's own overhead.
     scratch = moe_permute.MoEPermuteScratch(
-        shape.experts, shape.experts, device, max_num_tokens=n, topk=shape.topk
+        shape.experts, shape.experts, device, max_num_tokens=n, topk=shape.topk,
+        hidden_size=shape.hidden, hidden_dtype=torch.bfloat16,
     )
     what = f"{shape.name} N={n}"
 

@@ -141,13 +141,12 @@ impl NativeScratch {
     /// Reads the scratch's status block after the work queued on `stream` (a host
     /// wait) and raises the first error its calls recorded since the last check.
     fn check(&self, stream: u64) -> PyResult<()> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         if let Place::Cuda(ordinal) = inner.place {
             let device = cuda_device(ordinal)?;
-            inner
-                .scratch
-                .check_status(&caller_stream(&device, stream))
-                .map_err(moe_error)?;
+            let stream = caller_stream(&device, stream);
+            inner.bind(&stream)?;
+            inner.scratch.check_status(&stream).map_err(moe_error)?;
         }
         Ok(())
     }
@@ -198,6 +197,18 @@ impl Inner {
         Ok(())
     }
 
+    /// Binds the scratch to the caller's stream.
+    fn bind(&mut self, stream: &Stream<'_>) -> PyResult<()> {
+        if self.scratch.bound_stream() != Some(stream.id()) {
+            // SAFETY: PyTorch's rule: work on a tensor from two streams is ordered by
+            // the caller (torch.cuda.graph makes its capture stream wait for the
+            // current one, and a graph's replay runs on the stream it is replayed on,
+            // as a caller that switches streams must order them).
+            unsafe { self.scratch.assume_stream(stream) }.map_err(moe_error)?;
+        }
+        Ok(())
+    }
+
     /// The scratch for a CUDA call over `workspace` on `stream`: the object's own when
     /// `workspace` is its memory (bound to the caller's stream), else one over the
     /// copy PyTorch's functionalization (torch.compile) gave the op, status block and
@@ -210,12 +221,7 @@ impl Inner {
     ) -> PyResult<CallScratch<'_>> {
         self.check_workspace(workspace)?;
         let mut call = if workspace.address == self.workspace {
-            if self.scratch.bound_stream() != Some(stream.id()) {
-                // SAFETY: PyTorch's rule: work on a tensor from two streams is ordered
-                // by the caller (torch.cuda.graph makes its capture stream wait for the
-                // current one, as a caller that switches streams must).
-                unsafe { self.scratch.assume_stream(stream) }.map_err(moe_error)?;
-            }
+            self.bind(stream)?;
             CallScratch::Own(&mut self.scratch)
         } else {
             let config = self.scratch.config().clone();

@@ -18,6 +18,14 @@ from ._scratch import MoEPermuteScratch
 _ID_TYPES = (torch.int32, torch.int64)
 
 
+def _through_dispatcher(tensor: torch.Tensor) -> bool:
+    """Whether to call the registered op rather than its implementation: under
+    torch.compile (which must see the op) and for tensor subclasses (fake tensors,
+    DTensor). Plain eager calls skip the dispatcher's custom-op path, which costs tens
+    of microseconds a call from Python."""
+    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+
+
 def moe_permute(
     hidden_states: torch.Tensor,
     a1q_scale: Optional[torch.Tensor],
@@ -59,7 +67,8 @@ def moe_permute(
     entries = n_token * topk
     if scratch is not None:
         _check_scratch(scratch, device, n_expert, n_local_expert)
-        scratch.reserve(n_token, topk)
+        if scratch._native is None or topk != scratch.topk or n_token > scratch.max_num_tokens:
+            scratch.reserve(n_token, topk)
         own = scratch.permuted_hidden_states
         if permuted_hidden_states is None and own is not None \
                 and scratch.hidden_size == n_hidden and scratch.hidden_dtype == hidden_states.dtype:
@@ -73,10 +82,9 @@ def moe_permute(
         permuted_scales = torch.empty((entries, scales.shape[1]), dtype=torch.float32, device=device)
     if scratch is not None:
         workspace, layout = scratch._workspace, scratch._layout
-        _ops.permute_with_scratch(
-            hidden_states, topk_ids, expert_map, scales, permuted_hidden_states, permuted_scales,
-            workspace, scratch._id,
-        )
+        op = _ops.permute_with_scratch if _through_dispatcher(hidden_states) else _ops.permute_with_scratch_impl
+        op(hidden_states, topk_ids, expert_map, scales, permuted_hidden_states, permuted_scales,
+           workspace, scratch._id)
         offsets = _ops.workspace_slice(
             workspace, layout["expert_first_token_offset"], n_local_expert + 1, torch.int64)
         inv = _ops.workspace_slice(workspace, layout["inv_permuted_idx"], entries, torch.int32)
@@ -85,10 +93,9 @@ def moe_permute(
         offsets = torch.empty(n_local_expert + 1, dtype=torch.int64, device=device)
         inv = torch.empty(entries, dtype=torch.int32, device=device)
         permuted_idx = torch.empty(entries, dtype=torch.int32, device=device)
-        _ops.permute(
-            hidden_states, topk_ids, expert_map, scales, permuted_hidden_states, permuted_scales,
-            offsets, inv, permuted_idx, n_expert, n_local_expert,
-        )
+        op = _ops.permute if _through_dispatcher(hidden_states) else _ops.permute_impl
+        op(hidden_states, topk_ids, expert_map, scales, permuted_hidden_states, permuted_scales,
+           offsets, inv, permuted_idx, n_expert, n_local_expert)
     if permuted_scales is not None and scales_1d:
         permuted_scales = permuted_scales.view(-1)
     return permuted_hidden_states, permuted_scales, offsets, inv, permuted_idx
@@ -122,13 +129,15 @@ def moe_unpermute(
         )
     if not out.is_contiguous():
         raise MoeInputError("out must be contiguous")
-    _ops.unpermute(
-        out,
-        permuted_hidden_states.contiguous(),
-        topk_weights.to(torch.float32).contiguous(),
-        inv_permuted_idx.to(torch.int32).contiguous(),
-        expert_first_token_offset.to(torch.int64).contiguous(),
-    )
+    if topk_weights.dtype != torch.float32:
+        topk_weights = topk_weights.float()
+    if inv_permuted_idx.dtype != torch.int32:
+        inv_permuted_idx = inv_permuted_idx.to(torch.int32)
+    if expert_first_token_offset.dtype != torch.int64:
+        expert_first_token_offset = expert_first_token_offset.to(torch.int64)
+    op = _ops.unpermute if _through_dispatcher(out) else _ops.unpermute_impl
+    op(out, permuted_hidden_states.contiguous(), topk_weights.contiguous(),
+       inv_permuted_idx.contiguous(), expert_first_token_offset.contiguous())
 
 
 def moe_align_block_size(
@@ -170,14 +179,17 @@ def moe_align_block_size(
     blocks = (sorted_len + block_size - 1) // block_size
     if scratch is not None:
         _check_scratch(scratch, device, num_experts, num_local_experts)
-        scratch.reserve(n_token, topk, align_block_size=block_size)
+        if scratch.align_block_size != block_size or topk != scratch.topk \
+                or n_token > scratch.max_num_tokens:
+            scratch.reserve(n_token, topk, align_block_size=block_size)
         if scratch.align_block_size != block_size:
             raise MoeInputError(
                 f"the scratch aligns to blocks of {scratch.align_block_size}, the call asks for "
                 f"{block_size}"
             )
         workspace, layout = scratch._workspace, scratch._layout
-        _ops.align_with_scratch(topk_ids, expert_map, workspace, scratch._id)
+        op = _ops.align_with_scratch if _through_dispatcher(topk_ids) else _ops.align_with_scratch_impl
+        op(topk_ids, expert_map, workspace, scratch._id)
         sorted_ids = _ops.workspace_slice(workspace, layout["sorted_ids"], sorted_len, torch.int32)
         expert_ids = _ops.workspace_slice(workspace, layout["block_expert_ids"], blocks, torch.int32)
         rows = _ops.workspace_slice(workspace, layout["num_rows_post_padded"], 1, torch.int32)
@@ -185,8 +197,9 @@ def moe_align_block_size(
         sorted_ids = torch.empty(sorted_len, dtype=torch.int32, device=device)
         expert_ids = torch.empty(blocks, dtype=torch.int32, device=device)
         rows = torch.empty(1, dtype=torch.int32, device=device)
-        _ops.align(topk_ids, expert_map, sorted_ids, expert_ids, rows, num_experts,
-                   num_local_experts, block_size)
+        op = _ops.align if _through_dispatcher(topk_ids) else _ops.align_impl
+        op(topk_ids, expert_map, sorted_ids, expert_ids, rows, num_experts, num_local_experts,
+           block_size)
     return sorted_ids, expert_ids, rows
 
 

@@ -67,12 +67,7 @@ def _permute(native, workspace, hidden_states, topk_ids, expert_map, scales,
     )
 
 
-@torch.library.custom_op(
-    "moe_permute::permute_with_scratch",
-    mutates_args=("permuted_hidden_states", "permuted_scales", "workspace"),
-    device_types=("cpu", "cuda"),
-)
-def permute_with_scratch(
+def permute_with_scratch_impl(
     hidden_states: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: Optional[torch.Tensor],
@@ -89,19 +84,9 @@ def permute_with_scratch(
              permuted_hidden_states, permuted_scales)
 
 
-@permute_with_scratch.register_fake
-def _(hidden_states, topk_ids, expert_map, scales, permuted_hidden_states, permuted_scales,
-      workspace, scratch_id):
-    return None
 
 
-@torch.library.custom_op(
-    "moe_permute::permute",
-    mutates_args=("permuted_hidden_states", "permuted_scales", "expert_first_token_offset",
-                  "inv_permuted_idx", "permuted_idx"),
-    device_types=("cpu", "cuda"),
-)
-def permute(
+def permute_impl(
     hidden_states: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: Optional[torch.Tensor],
@@ -130,17 +115,9 @@ def permute(
     permuted_idx.copy_(workspace_slice(workspace, layout["permuted_idx"], entries, torch.int32))
 
 
-@permute.register_fake
-def _(hidden_states, topk_ids, expert_map, scales, permuted_hidden_states, permuted_scales,
-      expert_first_token_offset, inv_permuted_idx, permuted_idx, num_experts,
-      num_local_experts):
-    return None
 
 
-@torch.library.custom_op(
-    "moe_permute::unpermute", mutates_args=("out",), device_types=("cpu", "cuda")
-)
-def unpermute(
+def unpermute_impl(
     out: torch.Tensor,
     permuted_hidden_states: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -166,9 +143,6 @@ def unpermute(
     )
 
 
-@unpermute.register_fake
-def _(out, permuted_hidden_states, topk_weights, inv_permuted_idx, expert_first_token_offset):
-    return None
 
 
 def _align(native, workspace, topk_ids, expert_map) -> None:
@@ -182,10 +156,7 @@ def _align(native, workspace, topk_ids, expert_map) -> None:
     )
 
 
-@torch.library.custom_op(
-    "moe_permute::align_with_scratch", mutates_args=("workspace",), device_types=("cpu", "cuda")
-)
-def align_with_scratch(
+def align_with_scratch_impl(
     topk_ids: torch.Tensor,
     expert_map: Optional[torch.Tensor],
     workspace: torch.Tensor,
@@ -196,17 +167,9 @@ def align_with_scratch(
     _align(_registered(scratch_id), workspace, topk_ids, expert_map)
 
 
-@align_with_scratch.register_fake
-def _(topk_ids, expert_map, workspace, scratch_id):
-    return None
 
 
-@torch.library.custom_op(
-    "moe_permute::align",
-    mutates_args=("sorted_ids", "expert_ids", "num_tokens_post_pad"),
-    device_types=("cpu", "cuda"),
-)
-def align(
+def align_impl(
     topk_ids: torch.Tensor,
     expert_map: Optional[torch.Tensor],
     sorted_ids: torch.Tensor,
@@ -231,7 +194,33 @@ def align(
         workspace_slice(workspace, layout["num_rows_post_padded"], 1, torch.int32))
 
 
-@align.register_fake
-def _(topk_ids, expert_map, sorted_ids, expert_ids, num_tokens_post_pad, num_experts,
-      num_local_experts, block_size):
+def _no_outputs(*_args, **_kwargs) -> None:
+    """The fake (meta) implementation of every op: they only write tensors they are
+    given, so tracing needs no shapes from them."""
     return None
+
+
+_ON = ("cpu", "cuda")
+permute_with_scratch = torch.library.custom_op(
+    "moe_permute::permute_with_scratch", permute_with_scratch_impl,
+    mutates_args=("permuted_hidden_states", "permuted_scales", "workspace"), device_types=_ON,
+)
+permute = torch.library.custom_op(
+    "moe_permute::permute", permute_impl,
+    mutates_args=("permuted_hidden_states", "permuted_scales", "expert_first_token_offset",
+                  "inv_permuted_idx", "permuted_idx"),
+    device_types=_ON,
+)
+unpermute = torch.library.custom_op(
+    "moe_permute::unpermute", unpermute_impl, mutates_args=("out",), device_types=_ON
+)
+align_with_scratch = torch.library.custom_op(
+    "moe_permute::align_with_scratch", align_with_scratch_impl, mutates_args=("workspace",),
+    device_types=_ON,
+)
+align = torch.library.custom_op(
+    "moe_permute::align", align_impl,
+    mutates_args=("sorted_ids", "expert_ids", "num_tokens_post_pad"), device_types=_ON,
+)
+for _op in (permute_with_scratch, permute, unpermute, align_with_scratch, align):
+    _op.register_fake(_no_outputs)

@@ -1,4 +1,8 @@
-"""How tensors and streams cross into the native module: no libtorch, only numbers."""
+"""How tensors and streams cross into the native module: no libtorch, only numbers.
+
+Eager calls pay for every step here, so it stays short: a dtype name from a table,
+the raw stream handle without making a ``torch.cuda.Stream`` object.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,35 @@ import torch
 
 from ._native import MoeInputError
 
+_DTYPE_NAMES = {
+    dtype: str(dtype)
+    for dtype in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+        torch.int32, torch.int64, torch.uint8,
+    )
+}
+
+try:  # The handle PyTorch's own Triton launcher reads; a public fallback below.
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+except AttributeError:  # pragma: no cover - older or CPU-only builds
+    def _raw_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
 
 def describe(name: str, tensor: torch.Tensor) -> tuple:
     """``(data_ptr, shape, strides, dtype, device index)``: -1 for the CPU."""
     if not isinstance(tensor, torch.Tensor):
         raise MoeInputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    device = tensor.device
-    if device.type == "cpu":
+    if tensor.is_cuda:
+        index = tensor.get_device()
+    elif tensor.device.type == "cpu":
         index = -1
-    elif device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
     else:
-        raise MoeInputError(f"{name} is on {device}; moe_permute runs on CPU and CUDA tensors")
-    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), str(tensor.dtype), index)
+        raise MoeInputError(
+            f"{name} is on {tensor.device}; moe_permute runs on CPU and CUDA tensors"
+        )
+    dtype = _DTYPE_NAMES.get(tensor.dtype) or str(tensor.dtype)
+    return (tensor.data_ptr(), tensor.shape, tensor.stride(), dtype, index)
 
 
 def describe_optional(name: str, tensor: Optional[torch.Tensor]) -> Optional[tuple]:
@@ -29,10 +49,6 @@ def describe_optional(name: str, tensor: Optional[torch.Tensor]) -> Optional[tup
 
 def stream_of(tensor: torch.Tensor) -> int:
     """The handle of the current stream of the tensor's device (0 on the CPU)."""
-    if tensor.device.type != "cuda":
+    if not tensor.is_cuda:
         return 0
-    return torch.cuda.current_stream(tensor.device).cuda_stream
-
-
-def is_capturing(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return _raw_stream(tensor.get_device())
