@@ -50,10 +50,14 @@ pub(crate) fn permute(
     scales: Option<TensorArg>,
     out_rows: TensorArg,
     out_scales: Option<TensorArg>,
-    workspace: TensorArg,
+    workspace: Option<TensorArg>,
     stream: u64,
     checked: bool,
 ) -> PyResult<()> {
+    let workspace = match workspace {
+        Some(workspace) => Tensor::new("workspace", workspace)?,
+        None => scratch.lock().own_workspace(),
+    };
     let args = PermuteArgs::new(
         hidden_states,
         topk_ids,
@@ -81,7 +85,7 @@ impl PermuteArgs {
         scales: Option<TensorArg>,
         out_rows: TensorArg,
         out_scales: Option<TensorArg>,
-        workspace: TensorArg,
+        workspace: Tensor,
     ) -> PyResult<Self> {
         let hidden = Tensor::new("hidden_states", hidden)?;
         let topk_ids = Tensor::new("topk_ids", topk_ids)?;
@@ -89,7 +93,6 @@ impl PermuteArgs {
         let scales = Tensor::optional("a1q_scale", scales)?;
         let out_rows = Tensor::new("permuted_hidden_states", out_rows)?;
         let out_scales = Tensor::optional("permuted a1q_scale", out_scales)?;
-        let workspace = Tensor::new("workspace", workspace)?;
         let hidden_size = hidden.dims(2, "[num_tokens, hidden_size]")?[1];
         hidden.row_dtype()?;
         let topk = topk_ids.dims(2, "[num_tokens, topk]")?[1];

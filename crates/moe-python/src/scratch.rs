@@ -183,6 +183,18 @@ impl CallScratch<'_> {
 }
 
 impl Inner {
+    /// The scratch's own workspace, as the tensor Python would describe.
+    pub(crate) fn own_workspace(&self) -> Tensor {
+        Tensor {
+            name: "workspace",
+            address: self.workspace,
+            shape: vec![self.layout.bytes],
+            elem: Elem::U8,
+            place: self.place,
+            numel: self.layout.bytes,
+        }
+    }
+
     /// Checks that `workspace` can be this scratch's: on its device, large enough.
     pub(crate) fn check_workspace(&self, workspace: &Tensor) -> PyResult<()> {
         if workspace.place != self.place || workspace.bytes() < self.layout.bytes {

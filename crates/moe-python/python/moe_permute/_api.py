@@ -14,6 +14,7 @@ import torch
 from . import _native, _ops, _state
 from ._native import MoeInputError
 from ._scratch import MoEPermuteScratch
+from ._tensor import describe, stream_of
 
 _ID_TYPES = (torch.int32, torch.int64)
 
@@ -69,6 +70,11 @@ def moe_permute(
         _check_scratch(scratch, device, n_expert, n_local_expert)
         if scratch._native is None or topk != scratch.topk or n_token > scratch.max_num_tokens:
             scratch.reserve(n_token, topk)
+        if not _through_dispatcher(hidden_states):
+            return _permute_eager(
+                scratch, hidden_states, topk_ids, expert_map, scales, scales_1d,
+                permuted_hidden_states, n_token, n_hidden, topk,
+            )
         own = scratch.permuted_hidden_states
         if permuted_hidden_states is None and own is not None \
                 and scratch.hidden_size == n_hidden and scratch.hidden_dtype == hidden_states.dtype:
@@ -101,6 +107,36 @@ def moe_permute(
     return permuted_hidden_states, permuted_scales, offsets, inv, permuted_idx
 
 
+def _permute_eager(scratch, hidden_states, topk_ids, expert_map, scales, scales_1d,
+                   permuted_hidden_states, n_token, n_hidden, topk):
+    """``moe_permute`` with a scratch, called eagerly: the shortest path from Python (the
+    output views come from the scratch's cache, the workspace is the scratch's own)."""
+    own_rows, offsets, inv, permuted_idx = scratch._outputs(n_token, n_hidden, hidden_states.dtype)
+    rows = permuted_hidden_states if permuted_hidden_states is not None else own_rows
+    if rows is None:
+        rows = torch.empty((n_token * topk, n_hidden), dtype=hidden_states.dtype,
+                           device=hidden_states.device)
+    permuted_scales = None
+    if scales is not None:
+        permuted_scales = torch.empty((n_token * topk, scales.shape[1]), dtype=torch.float32,
+                                      device=hidden_states.device)
+    _native.permute(
+        scratch._native,
+        describe("hidden_states", hidden_states),
+        describe("topk_ids", topk_ids),
+        None if expert_map is None else describe("expert_map", expert_map),
+        None if scales is None else describe("a1q_scale", scales),
+        describe("permuted_hidden_states", rows),
+        None if permuted_scales is None else describe("permuted a1q_scale", permuted_scales),
+        None,
+        stream_of(hidden_states),
+        _state.checked,
+    )
+    if permuted_scales is not None and scales_1d:
+        permuted_scales = permuted_scales.view(-1)
+    return rows, permuted_scales, offsets, inv, permuted_idx
+
+
 def moe_unpermute(
     out: torch.Tensor,
     permuted_hidden_states: torch.Tensor,
@@ -113,31 +149,43 @@ def moe_unpermute(
     a token whose entries were all dropped gets zeros. Without
     ``expert_first_token_offset`` every row of ``permuted_hidden_states`` counts as kept.
     """
-    if topk_weights.dim() != 2:
-        raise MoeInputError(
-            f"topk_weights must be [num_tokens, topk], got shape {tuple(topk_weights.shape)}"
-        )
-    if permuted_hidden_states.dim() != 2:
-        raise MoeInputError(
-            "permuted_hidden_states must be [rows, hidden_size], got shape "
-            f"{tuple(permuted_hidden_states.shape)}"
-        )
+    # Shapes, layouts and devices are checked by the native call (with the tensors'
+    # names); here only what must be settled before it.
     if expert_first_token_offset is None:
+        if permuted_hidden_states.dim() != 2:
+            raise MoeInputError(
+                "permuted_hidden_states must be [rows, hidden_size], got shape "
+                f"{tuple(permuted_hidden_states.shape)}"
+            )
         expert_first_token_offset = torch.full(
             (1,), permuted_hidden_states.shape[0], dtype=torch.int64,
             device=permuted_hidden_states.device,
         )
-    if not out.is_contiguous():
-        raise MoeInputError("out must be contiguous")
     if topk_weights.dtype != torch.float32:
         topk_weights = topk_weights.float()
     if inv_permuted_idx.dtype != torch.int32:
         inv_permuted_idx = inv_permuted_idx.to(torch.int32)
     if expert_first_token_offset.dtype != torch.int64:
         expert_first_token_offset = expert_first_token_offset.to(torch.int64)
-    op = _ops.unpermute if _through_dispatcher(out) else _ops.unpermute_impl
-    op(out, permuted_hidden_states.contiguous(), topk_weights.contiguous(),
-       inv_permuted_idx.contiguous(), expert_first_token_offset.contiguous())
+    # Inputs are made contiguous (a copy only when they are not); `out` must be.
+    permuted_hidden_states = permuted_hidden_states.contiguous()
+    topk_weights = topk_weights.contiguous()
+    inv_permuted_idx = inv_permuted_idx.contiguous()
+    expert_first_token_offset = expert_first_token_offset.contiguous()
+    if _through_dispatcher(out):
+        _ops.unpermute(out, permuted_hidden_states, topk_weights, inv_permuted_idx,
+                       expert_first_token_offset)
+        return
+    _native.unpermute(
+        describe("out", out),
+        describe("permuted_hidden_states", permuted_hidden_states),
+        describe("topk_weights", topk_weights),
+        describe("inv_permuted_idx", inv_permuted_idx),
+        describe("expert_first_token_offset", expert_first_token_offset),
+        _state.status_arg(out),
+        stream_of(out),
+        _state.checked,
+    )
 
 
 def moe_align_block_size(

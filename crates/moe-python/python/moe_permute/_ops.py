@@ -63,7 +63,7 @@ def _permute(native, workspace, hidden_states, topk_ids, expert_map, scales,
         describe_optional("permuted a1q_scale", permuted_scales),
         describe("workspace", workspace),
         stream_of(hidden_states),
-        _state.is_checked(),
+        _state.checked,
     )
 
 
@@ -126,20 +126,16 @@ def unpermute_impl(
 ) -> None:
     """``out[t] = sum_k topk_weights[t, k] * permuted_hidden_states[inv[t*K + k]]`` over
     the kept entries (rows below ``expert_first_token_offset[-1]``)."""
-    if out.device.type == "cuda":
-        # Bad row indices and valid counts are recorded here; `check_errors` reads it.
-        status = _state.status_block(out.device)
-    else:
-        status = torch.empty(0, dtype=torch.uint8)
     _native.unpermute(
         describe("out", out),
         describe("permuted_hidden_states", permuted_hidden_states),
         describe("topk_weights", topk_weights),
         describe("inv_permuted_idx", inv_permuted_idx),
         describe("expert_first_token_offset", expert_first_token_offset),
-        describe("status", status),
+        # Bad row indices and valid counts are recorded here; `check_errors` reads it.
+        _state.status_arg(out),
         stream_of(out),
-        _state.is_checked(),
+        _state.checked,
     )
 
 
@@ -152,7 +148,7 @@ def _align(native, workspace, topk_ids, expert_map) -> None:
         describe_optional("expert_map", expert_map),
         describe("workspace", workspace),
         stream_of(topk_ids),
-        _state.is_checked(),
+        _state.checked,
     )
 
 

@@ -60,6 +60,8 @@ class MoEPermuteScratch:
         # Workspaces and row buffers given up by growing: a graph captured with them
         # still reads them at replay.
         self._retired: List[torch.Tensor] = []
+        # Output views by call shape, for eager calls (see `_outputs`).
+        self._views: dict = {}
         if self.device.type == "cuda":
             # Unpermute's status block, made now rather than first inside a capture.
             _state.status_block(self.device)
@@ -122,6 +124,7 @@ class MoEPermuteScratch:
         if rows[0] is not None:
             permuted = torch.empty((tokens * topk, rows[0]), dtype=rows[1], device=self.device)
         self._retire()
+        self._views = {}
         self._workspace, self._native, self._layout = workspace, native, layout
         self.permuted_hidden_states = permuted
         self._id = _state.register(native)
@@ -129,6 +132,31 @@ class MoEPermuteScratch:
         self.max_num_tokens, self.topk, self.align_block_size = tokens, topk, block
         self.hidden_size, self.hidden_dtype = rows
         return True
+
+    def _outputs(self, n_token: int, n_hidden: int, dtype: torch.dtype) -> tuple:
+        """The views a call of ``n_token`` tokens returns: the owned rows (None when the
+        scratch owns none of this width and type), ``expert_first_token_offset``,
+        ``inv_permuted_idx`` and ``permuted_idx``. Made once per shape: slicing them on
+        every call would cost an eager call more than the kernels take."""
+        key = (n_token, n_hidden, dtype)
+        views = self._views.get(key)
+        if views is None:
+            from ._ops import workspace_slice
+
+            entries, layout, workspace = n_token * self.topk, self._layout, self._workspace
+            rows = None
+            if self.permuted_hidden_states is not None and self.hidden_size == n_hidden \
+                    and self.hidden_dtype == dtype:
+                rows = self.permuted_hidden_states[:entries]
+            views = (
+                rows,
+                workspace_slice(workspace, layout["expert_first_token_offset"],
+                                self.num_local_experts + 1, torch.int64),
+                workspace_slice(workspace, layout["inv_permuted_idx"], entries, torch.int32),
+                workspace_slice(workspace, layout["permuted_idx"], entries, torch.int32),
+            )
+            self._views[key] = views
+        return views
 
     def _retire(self) -> None:
         if self._workspace is not None:

@@ -12,26 +12,30 @@ from . import _native
 from ._native import MoeDeviceError
 
 _lock = threading.Lock()
-_checked = False
+# Read by every call (as an attribute: cheaper than a function call on the hot path).
+checked = False
 _ids = itertools.count()
 # NativeScratch objects by the id the ops receive (torch.library ops take tensors and
 # numbers, not Python objects). MoEPermuteScratch removes its entries when collected.
 scratches: Dict[int, "_native.NativeScratch"] = {}
-# One status block per CUDA device for unpermute (which is given no scratch).
+# One status block per CUDA device for unpermute (which is given no scratch), and its
+# description for the native module (made once: the block never moves).
 _status_blocks: Dict[int, torch.Tensor] = {}
+_status_args: Dict[int, tuple] = {}
+_NO_STATUS = (0, (0,), (1,), "torch.uint8", -1)
 
 
-def set_checked(checked: bool) -> None:
+def set_checked(on: bool) -> None:
     """Checked mode: after every call outside graph capture, wait for the device and
     raise the error it recorded, if any (bad ``expert_map`` entries, negative
     ``inv_permuted_idx``, a valid count larger than the rows). Off by default: a check
     is a host wait."""
-    global _checked
-    _checked = bool(checked)
+    global checked
+    checked = bool(on)
 
 
 def is_checked() -> bool:
-    return _checked
+    return checked
 
 
 def register(native: "_native.NativeScratch") -> int:
@@ -66,3 +70,17 @@ def status_block(device: torch.device) -> torch.Tensor:
         )
         _status_blocks[index] = block
     return block
+
+
+def status_arg(out: torch.Tensor) -> tuple:
+    """The description of the status block for a call writing ``out``: its device's
+    block on a GPU, an empty CPU tensor's on the CPU (where errors are raised at once)."""
+    if not out.is_cuda:
+        return _NO_STATUS
+    index = out.get_device()
+    arg = _status_args.get(index)
+    if arg is None:
+        block = status_block(torch.device("cuda", index))
+        arg = (block.data_ptr(), (block.numel(),), (1,), "torch.uint8", index)
+        _status_args[index] = arg
+    return arg
