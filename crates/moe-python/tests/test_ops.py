@@ -179,3 +179,19 @@ def test_align_sorted_len_matches_the_runtime():
         entries = tokens * topk
         assert mp._native.align_sorted_len(tokens, topk, local, block) == \
             entries + min(local, entries) * (block - 1)
+
+
+@pytest.mark.parametrize("hidden", [1, 3, 13, 50])
+def test_rows_of_any_width(device, hidden):
+    """Rows that are not a multiple of 16 bytes take a narrower path, not an error."""
+    g = torch.Generator().manual_seed(hidden)
+    tokens, topk, experts = 37, 3, 6
+    x = ref.random_rows(tokens, hidden, torch.bfloat16, g).to(device)
+    ids = ref.random_ids(tokens, topk, experts, g).to(device)
+    out = mp.moe_permute(x, None, ids, experts)
+    check_permute(out, ref.permute(x, None, ids, experts, experts), tokens, topk)
+    weights = torch.rand(tokens, topk, generator=g).to(device)
+    combined = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
+    mp.moe_unpermute(combined, out[0], weights, out[3], out[2])
+    expected = ref.unpermute(out[0], weights, out[3], int(out[2][-1]))
+    torch.testing.assert_close(combined, expected, rtol=1.6e-2, atol=1.6e-2)
