@@ -66,6 +66,9 @@ GPU_TOKENS = (1, 8, 32, 128, 512, 2048, 8192, 16384)
 CPU_TOKENS = (1, 32, 512)
 
 SAMPLES = 7
+# Calls, and microseconds of work, in one eager timing at most (see `time_impl`).
+EAGER_CALLS = 2000
+EAGER_US = 20_000
 MAX_SETS = 64
 MAX_SETS_BYTES = 4 << 30
 # When the device does not say (the CPU), an L2 as large as a big GPU's.
@@ -221,7 +224,17 @@ def time_impl(device: torch.device, calls: int, call: Callable[[int], None], wha
         for s in range(calls):
             call(s)
 
-    eager = us_per_call(device, calls, round_of_calls)
+    # Eager time at small batch is host time, which the machine's other work disturbs:
+    # where a round is short, each eager timing repeats it up to EAGER_CALLS calls or
+    # EAGER_US of work, whichever comes first.
+    one_round = elapsed_us(device, round_of_calls)
+    rounds = max(1, min(math.ceil(EAGER_CALLS / calls), math.ceil(EAGER_US / max(one_round, 1.0))))
+
+    def rounds_of_calls() -> None:
+        for _ in range(rounds):
+            round_of_calls()
+
+    eager = us_per_call(device, calls * rounds, rounds_of_calls)
     graph_us = None
     if device.type == "cuda":
         graph = capture(round_of_calls, what)

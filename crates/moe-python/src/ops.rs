@@ -44,13 +44,13 @@ struct PermuteArgs {
 pub(crate) fn permute(
     py: Python<'_>,
     scratch: &NativeScratch,
-    hidden_states: TensorArg,
-    topk_ids: TensorArg,
-    expert_map: Option<TensorArg>,
-    scales: Option<TensorArg>,
-    out_rows: TensorArg,
-    out_scales: Option<TensorArg>,
-    workspace: Option<TensorArg>,
+    hidden_states: TensorArg<'_>,
+    topk_ids: TensorArg<'_>,
+    expert_map: Option<TensorArg<'_>>,
+    scales: Option<TensorArg<'_>>,
+    out_rows: TensorArg<'_>,
+    out_scales: Option<TensorArg<'_>>,
+    workspace: Option<TensorArg<'_>>,
     stream: u64,
     checked: bool,
 ) -> PyResult<()> {
@@ -79,12 +79,12 @@ pub(crate) fn permute(
 
 impl PermuteArgs {
     fn new(
-        hidden: TensorArg,
-        topk_ids: TensorArg,
-        expert_map: Option<TensorArg>,
-        scales: Option<TensorArg>,
-        out_rows: TensorArg,
-        out_scales: Option<TensorArg>,
+        hidden: TensorArg<'_>,
+        topk_ids: TensorArg<'_>,
+        expert_map: Option<TensorArg<'_>>,
+        scales: Option<TensorArg<'_>>,
+        out_rows: TensorArg<'_>,
+        out_scales: Option<TensorArg<'_>>,
         workspace: Tensor,
     ) -> PyResult<Self> {
         let hidden = Tensor::new("hidden_states", hidden)?;
@@ -232,12 +232,12 @@ fn permute_cpu(inner: &mut Inner, args: &PermuteArgs) -> PyResult<()> {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn unpermute(
     py: Python<'_>,
-    out: TensorArg,
-    permuted_hidden_states: TensorArg,
-    topk_weights: TensorArg,
-    inv_permuted_idx: TensorArg,
-    expert_first_token_offset: TensorArg,
-    status: TensorArg,
+    out: TensorArg<'_>,
+    permuted_hidden_states: TensorArg<'_>,
+    topk_weights: TensorArg<'_>,
+    inv_permuted_idx: TensorArg<'_>,
+    expert_first_token_offset: TensorArg<'_>,
+    status: TensorArg<'_>,
     stream: u64,
     checked: bool,
 ) -> PyResult<()> {
@@ -344,9 +344,9 @@ fn unpermute_cpu<T: Accumulate + Copy>(
 pub(crate) fn align(
     py: Python<'_>,
     scratch: &NativeScratch,
-    topk_ids: TensorArg,
-    expert_map: Option<TensorArg>,
-    workspace: TensorArg,
+    topk_ids: TensorArg<'_>,
+    expert_map: Option<TensorArg<'_>>,
+    workspace: TensorArg<'_>,
     stream: u64,
     checked: bool,
 ) -> PyResult<()> {
@@ -422,7 +422,7 @@ fn align_on(
 /// after the work queued on `stream`, and raises the first error recorded since the
 /// last check.
 #[pyfunction]
-pub(crate) fn check_status(status: TensorArg, stream: u64) -> PyResult<()> {
+pub(crate) fn check_status(status: TensorArg<'_>, stream: u64) -> PyResult<()> {
     let status = Tensor::new("status", status)?;
     status.expect(&[Elem::U8], "uint8")?;
     let Place::Cuda(ordinal) = status.place else {

@@ -75,7 +75,7 @@ impl NativeScratch {
     #[new]
     #[pyo3(signature = (workspace, max_num_tokens, topk, num_experts, num_local_experts, align_block_size, stream))]
     fn new(
-        workspace: TensorArg,
+        workspace: TensorArg<'_>,
         max_num_tokens: usize,
         topk: usize,
         num_experts: usize,

@@ -4,13 +4,17 @@
 use moe_runtime::DType;
 use moe_runtime::size::product;
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 use crate::error::{input_error, moe_error};
 
-/// A tensor as Python describes it: `(data_ptr, shape, strides, dtype name, device
-/// index)`, with -1 for the CPU (`moe_permute._tensor.describe` builds it).
+/// A tensor as Python describes it: `(data_ptr, shape, strides, dtype code, device
+/// index)`, with -1 for the CPU (`moe_permute._tensor.describe` builds it; the dtype
+/// codes are `DTYPE_CODES` there, in [`Elem::from_code`]'s order). Shape and strides
+/// are read straight from their tuples: an eager call parses several of these, and
+/// that is a large share of its host time.
 #[derive(Debug, FromPyObject)]
-pub(crate) struct TensorArg(u64, Vec<usize>, Vec<i64>, String, i64);
+pub(crate) struct TensorArg<'py>(u64, Bound<'py, PyTuple>, Bound<'py, PyTuple>, u8, i64);
 
 /// Where a tensor lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,16 +33,17 @@ pub(crate) enum Elem {
 }
 
 impl Elem {
-    fn parse(name: &str) -> Option<Self> {
-        Some(match name.strip_prefix("torch.").unwrap_or(name) {
-            "float32" => Self::Rows(DType::F32),
-            "float16" => Self::Rows(DType::F16),
-            "bfloat16" => Self::Rows(DType::BF16),
-            "float8_e4m3fn" => Self::Rows(DType::Fp8E4M3),
-            "float8_e5m2" => Self::Rows(DType::Fp8E5M2),
-            "int32" => Self::I32,
-            "int64" => Self::I64,
-            "uint8" => Self::U8,
+    /// The element type of a dtype code (`moe_permute._tensor.DTYPE_CODES`).
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => Self::Rows(DType::F32),
+            1 => Self::Rows(DType::F16),
+            2 => Self::Rows(DType::BF16),
+            3 => Self::Rows(DType::Fp8E4M3),
+            4 => Self::Rows(DType::Fp8E5M2),
+            5 => Self::I32,
+            6 => Self::I64,
+            7 => Self::U8,
             _ => return None,
         })
     }
@@ -76,14 +81,20 @@ pub(crate) struct Tensor {
 impl Tensor {
     /// Checks `arg` (named `name` in errors): a known dtype, a device, a row-major
     /// contiguous layout, a size that fits in memory, an address aligned for its type.
-    pub(crate) fn new(name: &'static str, arg: TensorArg) -> PyResult<Self> {
-        let TensorArg(address, shape, strides, dtype, device) = arg;
-        let Some(elem) = Elem::parse(&dtype) else {
+    pub(crate) fn new(name: &'static str, arg: TensorArg<'_>) -> PyResult<Self> {
+        let TensorArg(address, shape, strides, code, device) = arg;
+        let Some(elem) = Elem::from_code(code) else {
             return Err(input_error(format!(
-                "{name}: dtype {dtype} is not supported (float32, float16, bfloat16, \
-                 float8_e4m3fn, float8_e5m2 rows; int32 or int64 ids)"
+                "{name}: dtype code {code} is not one the ops take (float32, float16, \
+                 bfloat16, float8_e4m3fn, float8_e5m2 rows; int32 or int64 ids)"
             )));
         };
+        let shape = ints(name, "shape", &shape)?
+            .into_iter()
+            .map(usize::try_from)
+            .collect::<Result<Vec<usize>, _>>()
+            .map_err(|_| input_error(format!("{name}: a negative size in its shape")))?;
+        let strides = ints(name, "strides", &strides)?;
         let place = match device {
             -1 => Place::Cpu,
             ordinal if ordinal >= 0 => Place::Cuda(ordinal as usize),
@@ -112,7 +123,8 @@ impl Tensor {
         }
         if numel != 0 && address % elem.size() as u64 != 0 {
             return Err(input_error(format!(
-                "{name}: address {address:#x} is not aligned for its {dtype} elements"
+                "{name}: address {address:#x} is not aligned for its {} elements",
+                elem.name()
             )));
         }
         Ok(Self {
@@ -126,7 +138,10 @@ impl Tensor {
     }
 
     /// Like [`Self::new`], for an optional argument.
-    pub(crate) fn optional(name: &'static str, arg: Option<TensorArg>) -> PyResult<Option<Self>> {
+    pub(crate) fn optional(
+        name: &'static str,
+        arg: Option<TensorArg<'_>>,
+    ) -> PyResult<Option<Self>> {
         arg.map(|arg| Self::new(name, arg)).transpose()
     }
 
@@ -212,4 +227,14 @@ pub(crate) fn check_disjoint(written: &[&Tensor], all: &[&Tensor]) -> PyResult<(
         }
     }
     Ok(())
+}
+
+/// The integers of a shape or strides tuple.
+fn ints(name: &str, what: &str, tuple: &Bound<'_, PyTuple>) -> PyResult<Vec<i64>> {
+    let bad = || input_error(format!("{name}: {what} must be integers"));
+    let mut out = Vec::with_capacity(tuple.len());
+    for item in tuple.iter() {
+        out.push(item.extract::<i64>().map_err(|_| bad())?);
+    }
+    Ok(out)
 }

@@ -271,9 +271,7 @@ def check_errors(device: "torch.device | str | int | None" = None) -> None:
         return
     block = _state.status_block(device)
     _native.check_status(
-        (block.data_ptr(), tuple(block.shape), tuple(block.stride()), str(block.dtype),
-         block.device.index),
-        torch.cuda.current_stream(device).cuda_stream,
+        describe("status", block), torch.cuda.current_stream(device).cuda_stream
     )
 
 

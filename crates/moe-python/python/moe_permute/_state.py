@@ -10,6 +10,7 @@ import torch
 
 from . import _native
 from ._native import MoeDeviceError
+from ._tensor import DTYPE_CODES
 
 _lock = threading.Lock()
 # Read by every call (as an attribute: cheaper than a function call on the hot path).
@@ -22,7 +23,7 @@ scratches: Dict[int, "_native.NativeScratch"] = {}
 # description for the native module (made once: the block never moves).
 _status_blocks: Dict[int, torch.Tensor] = {}
 _status_args: Dict[int, tuple] = {}
-_NO_STATUS = (0, (0,), (1,), "torch.uint8", -1)
+_NO_STATUS = (0, (0,), (1,), DTYPE_CODES[torch.uint8], -1)
 
 
 def set_checked(on: bool) -> None:
@@ -81,6 +82,6 @@ def status_arg(out: torch.Tensor) -> tuple:
     arg = _status_args.get(index)
     if arg is None:
         block = status_block(torch.device("cuda", index))
-        arg = (block.data_ptr(), (block.numel(),), (1,), "torch.uint8", index)
+        arg = (block.data_ptr(), (block.numel(),), (1,), DTYPE_CODES[torch.uint8], index)
         _status_args[index] = arg
     return arg

@@ -1,6 +1,6 @@
 """How tensors and streams cross into the native module: no libtorch, only numbers.
 
-Eager calls pay for every step here, so it stays short: a dtype name from a table,
+Eager calls pay for every step here, so it stays short: a dtype code from a table,
 the raw stream handle without making a ``torch.cuda.Stream`` object.
 """
 
@@ -12,12 +12,13 @@ import torch
 
 from ._native import MoeInputError
 
-_DTYPE_NAMES = {
-    dtype: str(dtype)
-    for dtype in (
+# The dtypes the native module takes, by code (its `Elem::from_code`, same order).
+DTYPE_CODES = {
+    dtype: code
+    for code, dtype in enumerate((
         torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
         torch.int32, torch.int64, torch.uint8,
-    )
+    ))
 }
 
 try:  # The handle PyTorch's own Triton launcher reads; a public fallback below.
@@ -28,7 +29,7 @@ except AttributeError:  # pragma: no cover - older or CPU-only builds
 
 
 def describe(name: str, tensor: torch.Tensor) -> tuple:
-    """``(data_ptr, shape, strides, dtype, device index)``: -1 for the CPU."""
+    """``(data_ptr, shape, strides, dtype code, device index)``: -1 for the CPU."""
     if not isinstance(tensor, torch.Tensor):
         raise MoeInputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.is_cuda:
@@ -39,8 +40,13 @@ def describe(name: str, tensor: torch.Tensor) -> tuple:
         raise MoeInputError(
             f"{name} is on {tensor.device}; moe_permute runs on CPU and CUDA tensors"
         )
-    dtype = _DTYPE_NAMES.get(tensor.dtype) or str(tensor.dtype)
-    return (tensor.data_ptr(), tensor.shape, tensor.stride(), dtype, index)
+    code = DTYPE_CODES.get(tensor.dtype)
+    if code is None:
+        raise MoeInputError(
+            f"{name}: dtype {tensor.dtype} is not supported (float32, float16, bfloat16, "
+            "float8_e4m3fn, float8_e5m2 rows; int32 or int64 ids)"
+        )
+    return (tensor.data_ptr(), tensor.shape, tensor.stride(), code, index)
 
 
 def describe_optional(name: str, tensor: Optional[torch.Tensor]) -> Optional[tuple]:
