@@ -42,6 +42,8 @@ fn routing(args: &RunArgs, layout: Layout, num_experts: usize) -> anyhow::Result
             .with_context(|| format!("cannot read {}", path.display()))?;
         let config: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
+        refuse_unimplemented(&config)
+            .with_context(|| format!("{} asks for what the block does not do", path.display()))?;
         if top_k.is_none() {
             top_k = config["num_experts_per_tok"].as_u64().map(|k| k as usize);
         }
@@ -64,6 +66,36 @@ fn routing(args: &RunArgs, layout: Layout, num_experts: usize) -> anyhow::Result
         bail!("top-k {top_k} must be in 1..={num_experts}");
     }
     Ok((top_k, norm))
+}
+
+/// Refuses a `config.json` whose MoE settings the block does not implement, naming
+/// the key: run anyway, such a layer would give wrong output with no error. The block
+/// routes with a softmax over all experts, plain top-k, no shared expert, no scaling,
+/// SiLU experts.
+fn refuse_unimplemented(config: &serde_json::Value) -> anyhow::Result<()> {
+    let number = |key: &str| config.get(key).and_then(serde_json::Value::as_f64);
+    let text = |key: &str| config.get(key).and_then(serde_json::Value::as_str);
+    if let Some(value) = text("scoring_func").filter(|v| *v != "softmax") {
+        bail!("scoring_func = {value:?}: the block scores experts with softmax only");
+    }
+    if let Some(value) = text("topk_method").filter(|v| *v != "greedy") {
+        bail!("topk_method = {value:?}: the block takes a plain (greedy) top-k only");
+    }
+    if let Some(value) = number("n_group").filter(|v| *v > 1.0) {
+        bail!("n_group = {value}: the block does not do group-limited routing");
+    }
+    for key in ["n_shared_experts", "shared_expert_intermediate_size"] {
+        if let Some(value) = number(key).filter(|v| *v > 0.0) {
+            bail!("{key} = {value}: the block has no shared expert");
+        }
+    }
+    if let Some(value) = number("routed_scaling_factor").filter(|v| *v != 1.0) {
+        bail!("routed_scaling_factor = {value}: the block does not scale routed outputs");
+    }
+    if let Some(value) = text("hidden_act").filter(|v| *v != "silu") {
+        bail!("hidden_act = {value:?}: the block's experts are SiLU-gated");
+    }
+    Ok(())
 }
 
 /// The `hidden_states` tensor of the input, as bf16 `[N, H]`, and whether it was f32.

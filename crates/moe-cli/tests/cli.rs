@@ -192,6 +192,36 @@ fn bad_input_is_one_line_and_a_failure() {
     assert!(!ok);
     assert!(stderr.contains("top-k"), "{stderr}");
 
+    // A config asking for what the block does not implement is refused, naming the key
+    // (DeepSeek-V3's routing, Qwen2-MoE's shared expert).
+    for (key, value) in [
+        ("scoring_func", "\"sigmoid\""),
+        ("topk_method", "\"noaux_tc\""),
+        ("n_group", "8"),
+        ("n_shared_experts", "1"),
+        ("shared_expert_intermediate_size", "5632"),
+        ("routed_scaling_factor", "2.5"),
+        ("hidden_act", "\"gelu\""),
+    ] {
+        let config = format!("{{\"num_experts_per_tok\": 2, \"{key}\": {value}}}");
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        let (ok, _, stderr) = moe(&[
+            "run",
+            "--weights",
+            &path("w.safetensors"),
+            "--prefix",
+            "model.layers.5",
+            "--config",
+            &path("config.json"),
+            "--input",
+            &path("x.safetensors"),
+            "--output",
+            &path("y.safetensors"),
+        ]);
+        assert!(!ok && stderr.contains(key), "{key}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+
     let (ok, _, stderr) = moe(&["bench", "--shape", "llama"]);
     assert!(!ok && stderr.contains("unknown shape"), "{stderr}");
     let (ok, _, stderr) = moe(&["bench", "--bogus"]);

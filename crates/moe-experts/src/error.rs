@@ -20,6 +20,18 @@ pub enum ExpertsError {
         layout: &'static str,
     },
     /// A checkpoint tensor has another shape than the layer's sizes imply.
+    /// The layer's MoE module holds a tensor the block would not read (a shared expert,
+    /// a router bias, a score correction, quantisation scales): refused, since the
+    /// output would be wrong without it.
+    #[error(
+        "checkpoint: tensor {name} is part of this {layout} MoE layer, but the block does not implement it (a shared expert, router bias, score correction or quantisation scale would be ignored and the output wrong)"
+    )]
+    UnsupportedTensor {
+        /// The tensor's name.
+        name: String,
+        /// The layout the layer was read as.
+        layout: &'static str,
+    },
     #[error("checkpoint: tensor {name} has shape {got:?}, expected {expected:?}")]
     TensorShape {
         /// The tensor's name in the checkpoint.

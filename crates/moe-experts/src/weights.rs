@@ -78,6 +78,15 @@ impl Layout {
         }
     }
 
+    /// The prefix of every tensor of the layer's MoE module (`{p}.block_sparse_moe.`,
+    /// `{p}.mlp.`).
+    pub fn module(self, prefix: &str) -> String {
+        match self {
+            Layout::Mixtral => format!("{prefix}.block_sparse_moe."),
+            Layout::QwenMoe => format!("{prefix}.mlp."),
+        }
+    }
+
     /// The names of expert `expert`'s gate, up and down projections, `[I, H]`,
     /// `[I, H]` and `[H, I]`.
     pub fn expert(self, prefix: &str, expert: usize) -> [String; 3] {
@@ -135,6 +144,7 @@ impl MoeWeights {
             })?;
         let router_name = layout.router(prefix);
         let router_shape = shape_of(&file, &router_name, layout)?;
+        refuse_unknown_tensors(&names, layout, prefix, router_shape.first().copied())?;
         let [num_experts, hidden_size] = router_shape[..] else {
             return Err(ExpertsError::TensorShape {
                 name: router_name,
@@ -289,6 +299,53 @@ impl MoeWeights {
                 self.down_proj.len(),
             ],
         )
+    }
+}
+
+/// Refuses a layer whose MoE module holds a tensor the block does not read: a shared
+/// expert (Qwen2-MoE's `shared_expert`, DeepSeek-V3's `shared_experts`), a router
+/// bias or score correction (`e_score_correction_bias`), quantisation scales. Read
+/// without it, the layer would give wrong output with no error.
+fn refuse_unknown_tensors(
+    names: &[String],
+    layout: Layout,
+    prefix: &str,
+    num_experts: Option<usize>,
+) -> Result<()> {
+    let module = layout.module(prefix);
+    let router = layout.router(prefix);
+    let known = |name: &str| {
+        if name == router {
+            return true;
+        }
+        // `{module}experts.{e}.{projection}.weight` with e below the router's E.
+        let Some(rest) = name
+            .strip_prefix(&module)
+            .and_then(|r| r.strip_prefix("experts."))
+        else {
+            return false;
+        };
+        let Some((expert, _)) = rest.split_once('.') else {
+            return false;
+        };
+        match (expert.parse::<usize>(), num_experts) {
+            (Ok(e), Some(count)) if e < count => {
+                layout.expert(prefix, e).contains(&name.to_string())
+            }
+            _ => false,
+        }
+    };
+    let mut unknown: Vec<&String> = names
+        .iter()
+        .filter(|name| name.starts_with(&module) && !known(name))
+        .collect();
+    unknown.sort();
+    match unknown.first() {
+        Some(name) => Err(ExpertsError::UnsupportedTensor {
+            name: name.to_string(),
+            layout: layout.name(),
+        }),
+        None => Ok(()),
     }
 }
 

@@ -183,3 +183,74 @@ fn sizes_in_a_header_reserve_nothing_before_every_tensor_is_found() {
         other => panic!("{other}"),
     }
 }
+
+/// `bytes` with tensors `extra` (4 bf16 values each) added.
+fn with_extra(bytes: &[u8], extra: &[&str]) -> Vec<u8> {
+    let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let values = [0u8; 8];
+    let mut views: Vec<(String, TensorView<'_>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view))
+        .collect();
+    for name in extra {
+        let view = TensorView::new(Dtype::BF16, vec![4], &values).unwrap();
+        views.push((name.to_string(), view));
+    }
+    safetensors::serialize(views, None).unwrap()
+}
+
+#[test]
+fn tensors_the_block_would_ignore_are_refused_by_name() {
+    // A DeepSeek-V3 layer reads like a Qwen-MoE one but for these; a Qwen2-MoE layer
+    // has a shared expert; Mixtral has no extra tensors, so anything else is refused.
+    let weights = MoeWeights::random(&CONFIG, 8).unwrap();
+    let cases = [
+        (
+            Layout::QwenMoe,
+            "model.layers.3.mlp.gate.e_score_correction_bias",
+        ),
+        (
+            Layout::QwenMoe,
+            "model.layers.3.mlp.shared_experts.gate_proj.weight",
+        ),
+        (
+            Layout::QwenMoe,
+            "model.layers.3.mlp.shared_expert_gate.weight",
+        ),
+        (
+            Layout::QwenMoe,
+            "model.layers.3.mlp.experts.4.up_proj.weight",
+        ),
+        (
+            Layout::QwenMoe,
+            "model.layers.3.mlp.experts.1.up_proj.weight_scale_inv",
+        ),
+        (Layout::Mixtral, "model.layers.3.block_sparse_moe.gate.bias"),
+    ];
+    for (layout, extra) in cases {
+        let bytes = checkpoint(&weights, layout, "model.layers.3", false, None, None);
+        let bytes = with_extra(&bytes, &[extra]);
+        match MoeWeights::from_safetensors(&bytes, "model.layers.3").unwrap_err() {
+            ExpertsError::UnsupportedTensor { name, .. } => assert_eq!(name, extra),
+            other => panic!("{extra}: {other}"),
+        }
+    }
+    // Tensors of other layers or modules are not this layer's business.
+    let bytes = checkpoint(
+        &weights,
+        Layout::QwenMoe,
+        "model.layers.3",
+        false,
+        None,
+        None,
+    );
+    let bytes = with_extra(
+        &bytes,
+        &[
+            "model.layers.4.mlp.shared_experts.up_proj.weight",
+            "model.layers.3.self_attn.q_proj.weight",
+        ],
+    );
+    MoeWeights::from_safetensors(&bytes, "model.layers.3").unwrap();
+}
