@@ -43,10 +43,12 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct RunArgs {
-    /// The checkpoint (safetensors) holding the layer's weights.
+    /// The checkpoint holding the layer's weights: a safetensors file, a sharded
+    /// checkpoint's directory, or its `model.safetensors.index.json`.
     #[arg(long, value_name = "W.safetensors")]
     weights: PathBuf,
-    /// The layer's tensor-name prefix, e.g. `model.layers.3`.
+    /// The layer's tensor-name prefix, e.g. `model.layers.3` (or its MoE module's,
+    /// `model.layers.3.mlp`).
     #[arg(long, value_name = "P")]
     prefix: String,
     /// A safetensors file with a `hidden_states` tensor `[N, H]` (bf16 or f32).
@@ -55,7 +57,8 @@ pub(crate) struct RunArgs {
     /// Where to write `hidden_states`, `topk_ids` and `topk_weights`.
     #[arg(long, value_name = "Y.safetensors")]
     output: PathBuf,
-    /// The checkpoint's `config.json`, for `num_experts_per_tok` and `norm_topk_prob`.
+    /// The checkpoint's `config.json`, for `num_experts_per_tok` and `norm_topk_prob`
+    /// (default: the `config.json` beside the weights, when there is one).
     #[arg(long, value_name = "config.json")]
     config: Option<PathBuf>,
     /// Experts per token (instead of, or overriding, the config's).

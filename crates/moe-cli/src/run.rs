@@ -37,7 +37,7 @@ pub(crate) fn choose_device(choice: DeviceChoice) -> anyhow::Result<Device> {
 fn routing(args: &RunArgs, layout: Layout, num_experts: usize) -> anyhow::Result<(usize, bool)> {
     let mut top_k = args.top_k;
     let mut norm = args.norm_topk_prob || layout == Layout::Mixtral;
-    if let Some(path) = &args.config {
+    if let Some(path) = &config_path(args) {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let config: serde_json::Value = serde_json::from_str(&text)
@@ -66,6 +66,20 @@ fn routing(args: &RunArgs, layout: Layout, num_experts: usize) -> anyhow::Result
         bail!("top-k {top_k} must be in 1..={num_experts}");
     }
     Ok((top_k, norm))
+}
+
+/// `--config`, or the `config.json` beside the weights (in a checkpoint directory, or
+/// next to its file) when there is one.
+fn config_path(args: &RunArgs) -> Option<std::path::PathBuf> {
+    if args.config.is_some() {
+        return args.config.clone();
+    }
+    let dir = if args.weights.is_dir() {
+        args.weights.as_path()
+    } else {
+        args.weights.parent()?
+    };
+    Some(dir.join("config.json")).filter(|path| path.is_file())
 }
 
 /// Refuses a `config.json` whose MoE settings the block does not implement, naming

@@ -153,6 +153,35 @@ fn run_writes_the_block_output_and_routing() {
         .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     assert_eq!(got_ids, want.topk_ids);
+
+    // The same layer from a checkpoint directory, its config.json found beside the
+    // weights, the prefix copied from the index (the MoE module's): the same output.
+    let checkpoint = dir.join("checkpoint");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    std::fs::copy(
+        dir.join("w.safetensors"),
+        checkpoint.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(dir.join("config.json"), checkpoint.join("config.json")).unwrap();
+    let (ok, _, stderr) = moe(&[
+        "run",
+        "--weights",
+        &checkpoint.display().to_string(),
+        "--prefix",
+        "model.layers.5.mlp",
+        "--input",
+        &path("x.safetensors"),
+        "--output",
+        &path("z.safetensors"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        std::fs::read(dir.join("z.safetensors")).unwrap(),
+        std::fs::read(dir.join("y.safetensors")).unwrap()
+    );
 }
 
 #[test]

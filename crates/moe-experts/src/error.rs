@@ -19,7 +19,6 @@ pub enum ExpertsError {
         /// The layout found from the router's name ([`Layout::name`](crate::Layout::name)).
         layout: &'static str,
     },
-    /// A checkpoint tensor has another shape than the layer's sizes imply.
     /// The layer's MoE module holds a tensor the block would not read (a shared expert,
     /// a router bias, a score correction, quantisation scales): refused, since the
     /// output would be wrong without it.
@@ -32,6 +31,7 @@ pub enum ExpertsError {
         /// The layout the layer was read as.
         layout: &'static str,
     },
+    /// A checkpoint tensor has another shape than the layer's sizes imply.
     #[error("checkpoint: tensor {name} has shape {got:?}, expected {expected:?}")]
     TensorShape {
         /// The tensor's name in the checkpoint.

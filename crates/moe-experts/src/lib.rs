@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod block;
+mod checkpoint;
 mod config;
 pub mod cpu;
 pub mod cuda;
@@ -24,6 +25,7 @@ mod shared;
 mod weights;
 
 pub use block::{BlockOutput, CpuMoeBlock, ExpertsKind};
+pub use checkpoint::{INDEX_FILE, SINGLE_FILE};
 pub use config::MoeConfig;
 pub use cuda::CudaMoeBlock;
 pub use error::{ExpertsError, Result};

@@ -5,6 +5,7 @@ use half::bf16;
 use moe_runtime::size::{product, zeroed};
 use safetensors::{Dtype, SafeTensors};
 
+use crate::checkpoint::{Mapped, Tensors, shard_paths};
 use crate::{ExpertsError, MoeConfig, Result};
 
 /// Elements of each tensor of a layer of hidden size `h`, intermediate size `i` and
@@ -120,22 +121,34 @@ pub struct MoeWeights {
 }
 
 impl MoeWeights {
-    /// Reads one layer, chosen by `prefix` (e.g. `model.layers.3`), from a safetensors
-    /// file. The layout is found from the tensor names; bf16 and f32 tensors are
-    /// accepted (f32 is rounded to bf16).
+    /// Reads one layer, chosen by `prefix`, from a checkpoint: a safetensors file, a
+    /// sharded checkpoint's `model.safetensors.index.json`, or a directory holding
+    /// either. Only the shards that hold the layer are opened (memory-mapped), and
+    /// only its tensors are read. `prefix` is the layer's (`model.layers.3`) or its MoE
+    /// module's (`model.layers.3.mlp`, `model.layers.3.block_sparse_moe`). The layout
+    /// is found from the tensor names; bf16 and f32 tensors are accepted (f32 is
+    /// rounded to bf16). A missing shard or tensor is an error naming it.
     pub fn load(path: &std::path::Path, prefix: &str) -> Result<(Self, Layout)> {
-        let bytes = std::fs::read(path).map_err(|source| ExpertsError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_safetensors(&bytes, prefix)
+        let prefix = layer_prefix(prefix);
+        let shards = shard_paths(path, prefix)?;
+        if shards.is_empty() {
+            return Err(ExpertsError::NoMoeLayer {
+                prefix: prefix.to_string(),
+            });
+        }
+        let mapped = Mapped::open(&shards)?;
+        Self::from_tensors(&mapped.tensors()?, prefix)
     }
 
-    /// [`Self::load`] from the bytes of a safetensors file.
+    /// [`Self::load`] from the bytes of one safetensors file.
     pub fn from_safetensors(bytes: &[u8], prefix: &str) -> Result<(Self, Layout)> {
         let file =
             SafeTensors::deserialize(bytes).map_err(|e| ExpertsError::Format(e.to_string()))?;
-        let names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
+        Self::from_tensors(&Tensors::new(vec![file])?, layer_prefix(prefix))
+    }
+
+    fn from_tensors(file: &Tensors<'_>, prefix: &str) -> Result<(Self, Layout)> {
+        let names = file.names();
         let layout = [Layout::Mixtral, Layout::QwenMoe]
             .into_iter()
             .find(|layout| names.contains(&layout.router(prefix)))
@@ -143,7 +156,7 @@ impl MoeWeights {
                 prefix: prefix.to_string(),
             })?;
         let router_name = layout.router(prefix);
-        let router_shape = shape_of(&file, &router_name, layout)?;
+        let router_shape = shape_of(file, &router_name, layout)?;
         refuse_unknown_tensors(&names, layout, prefix, router_shape.first().copied())?;
         let [num_experts, hidden_size] = router_shape[..] else {
             return Err(ExpertsError::TensorShape {
@@ -153,7 +166,7 @@ impl MoeWeights {
             });
         };
         let [gate0, ..] = layout.expert(prefix, 0);
-        let gate0_shape = shape_of(&file, &gate0, layout)?;
+        let gate0_shape = shape_of(file, &gate0, layout)?;
         let intermediate_size = match gate0_shape[..] {
             [i, h] if h == hidden_size => i,
             _ => {
@@ -170,7 +183,7 @@ impl MoeWeights {
         for expert in 0..num_experts {
             let [gate, up, down] = layout.expert(prefix, expert);
             for (name, shape) in [(gate, [i, h]), (up, [i, h]), (down, [h, i])] {
-                let got = shape_of(&file, &name, layout)?;
+                let got = shape_of(file, &name, layout)?;
                 if got != shape {
                     return Err(ExpertsError::TensorShape {
                         name,
@@ -187,7 +200,7 @@ impl MoeWeights {
             hidden_size,
             intermediate_size,
             num_experts,
-            router: read(&file, &router_name, &[num_experts, h], layout)?,
+            router: read(file, &router_name, &[num_experts, h], layout)?,
             gate_proj: zeroed(gate_len.0, gate_len.1)?,
             up_proj: zeroed(up_len.0, up_len.1)?,
             down_proj: zeroed(down_len.0, down_len.1)?,
@@ -197,9 +210,9 @@ impl MoeWeights {
         for expert in 0..num_experts {
             let [gate, up, down] = layout.expert(prefix, expert);
             let range = expert * per_expert..(expert + 1) * per_expert;
-            weights.gate_proj[range.clone()].copy_from_slice(&read(&file, &gate, &[i, h], layout)?);
-            weights.up_proj[range.clone()].copy_from_slice(&read(&file, &up, &[i, h], layout)?);
-            weights.down_proj[range].copy_from_slice(&read(&file, &down, &[h, i], layout)?);
+            weights.gate_proj[range.clone()].copy_from_slice(&read(file, &gate, &[i, h], layout)?);
+            weights.up_proj[range.clone()].copy_from_slice(&read(file, &up, &[i, h], layout)?);
+            weights.down_proj[range].copy_from_slice(&read(file, &down, &[h, i], layout)?);
         }
         Ok((weights, layout))
     }
@@ -349,18 +362,29 @@ fn refuse_unknown_tensors(
     }
 }
 
-fn shape_of(file: &SafeTensors<'_>, name: &str, layout: Layout) -> Result<Vec<usize>> {
-    file.tensor(name)
+/// The layer's own prefix, from it or from its MoE module's (what a user copies from
+/// an index file): `model.layers.3.mlp` and `model.layers.3.block_sparse_moe` are
+/// `model.layers.3`.
+fn layer_prefix(prefix: &str) -> &str {
+    let prefix = prefix.trim_end_matches('.');
+    prefix
+        .strip_suffix(".block_sparse_moe")
+        .or_else(|| prefix.strip_suffix(".mlp"))
+        .unwrap_or(prefix)
+}
+
+fn shape_of(file: &Tensors<'_>, name: &str, layout: Layout) -> Result<Vec<usize>> {
+    file.get(name)
         .map(|t| t.shape().to_vec())
-        .map_err(|_| ExpertsError::MissingTensor {
+        .ok_or_else(|| ExpertsError::MissingTensor {
             name: name.to_string(),
             layout: layout.name(),
         })
 }
 
 /// Reads tensor `name`, checking its shape, as bf16.
-fn read(file: &SafeTensors<'_>, name: &str, shape: &[usize], layout: Layout) -> Result<Vec<bf16>> {
-    let tensor = file.tensor(name).map_err(|_| ExpertsError::MissingTensor {
+fn read(file: &Tensors<'_>, name: &str, shape: &[usize], layout: Layout) -> Result<Vec<bf16>> {
+    let tensor = file.get(name).ok_or_else(|| ExpertsError::MissingTensor {
         name: name.to_string(),
         layout: layout.name(),
     })?;

@@ -254,3 +254,78 @@ fn tensors_the_block_would_ignore_are_refused_by_name() {
     );
     MoeWeights::from_safetensors(&bytes, "model.layers.3").unwrap();
 }
+
+/// A fresh directory under the target directory's temp space.
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-checkpoint-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `bytes`' tensors into a sharded checkpoint in `dir`: tensors whose name sorts
+/// before `split` to shard 1, the rest to shard 2, a third shard for another layer, and
+/// the index naming them all.
+fn write_sharded(dir: &std::path::Path, bytes: &[u8], split: &str) {
+    let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let (first, second): (Vec<_>, Vec<_>) = file
+        .tensors()
+        .into_iter()
+        .partition(|(name, _)| name.as_str() < split);
+    let mut map = serde_json::Map::new();
+    for (shard, tensors) in [
+        ("model-00001-of-00003.safetensors", first),
+        ("model-00002-of-00003.safetensors", second),
+    ] {
+        for (name, _) in &tensors {
+            map.insert(name.clone(), shard.into());
+        }
+        safetensors::serialize_to_file(tensors, None, &dir.join(shard)).unwrap();
+    }
+    map.insert(
+        "model.layers.9.mlp.gate.weight".into(),
+        "model-00003-of-00003.safetensors".into(),
+    );
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(dir.join(moe_experts::INDEX_FILE), index.to_string()).unwrap();
+}
+
+#[test]
+fn a_layer_split_across_shards_loads_from_the_directory_or_its_index() {
+    let weights = MoeWeights::random(&CONFIG, 9).unwrap();
+    for layout in [Layout::Mixtral, Layout::QwenMoe] {
+        let dir = temp_dir(layout.name());
+        let bytes = checkpoint(&weights, layout, "model.layers.3", false, None, None);
+        // Experts 0-1 in one shard, 2-3 and the router in the other.
+        let split = layout.expert("model.layers.3", 2)[0].clone();
+        write_sharded(&dir, &bytes, &split);
+        let module = layout.module("model.layers.3");
+        for (path, prefix) in [
+            (dir.clone(), "model.layers.3"),
+            (
+                dir.join(moe_experts::INDEX_FILE),
+                module.trim_end_matches('.'),
+            ),
+        ] {
+            // Shard 3 does not exist: it is never opened, since it holds another layer.
+            let (loaded, found) = MoeWeights::load(&path, prefix).unwrap();
+            assert_eq!(found, layout);
+            assert_eq!(loaded.router, weights.router);
+            assert_eq!(loaded.gate_proj, weights.gate_proj);
+            assert_eq!(loaded.down_proj, weights.down_proj);
+        }
+        // A shard the layer needs that is missing is named.
+        std::fs::remove_file(dir.join("model-00001-of-00003.safetensors")).unwrap();
+        let error = MoeWeights::load(&dir, "model.layers.3").unwrap_err();
+        assert!(
+            error.to_string().contains("model-00001-of-00003"),
+            "{error}"
+        );
+        // A layer the index does not hold.
+        assert!(matches!(
+            MoeWeights::load(&dir, "model.layers.5").unwrap_err(),
+            ExpertsError::NoMoeLayer { .. }
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
