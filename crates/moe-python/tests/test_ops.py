@@ -172,6 +172,27 @@ def test_ops_are_registered_with_torch():
         assert hasattr(torch.ops.moe_permute, name)
 
 
+def test_the_registered_ops_run_eagerly(device):
+    """The wrappers skip the dispatcher eagerly; the ops themselves work there too."""
+    g = torch.Generator().manual_seed(23)
+    tokens, hidden, topk, experts = 19, 40, 3, 7
+    x = ref.random_rows(tokens, hidden, torch.bfloat16, g).to(device)
+    ids = ref.random_ids(tokens, topk, experts, g, invalid=0.1).to(device)
+    entries = tokens * topk
+    rows = torch.empty(entries, hidden, dtype=torch.bfloat16, device=device)
+    offsets = torch.empty(experts + 1, dtype=torch.int64, device=device)
+    inv = torch.empty(entries, dtype=torch.int32, device=device)
+    idx = torch.empty(entries, dtype=torch.int32, device=device)
+    torch.ops.moe_permute.permute(x, ids, None, None, rows, None, offsets, inv, idx, experts, experts)
+    check_permute((rows, None, offsets, inv, idx), ref.permute(x, None, ids, experts, experts),
+                  tokens, topk)
+    w = torch.rand(tokens, topk, generator=g).to(device)
+    out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
+    torch.ops.moe_permute.unpermute(out, rows, w, inv, offsets)
+    expected = ref.unpermute(rows, w, inv, int(offsets[-1]))
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1.6e-2)
+
+
 def test_align_sorted_len_matches_the_runtime():
     # The Python wrapper sizes sorted_ids itself (traceable by torch.compile); it must
     # agree with the runtime's formula.
