@@ -89,14 +89,8 @@ impl PermuteScratch {
         bytes: usize,
         stream: &Stream<'_>,
     ) -> Result<Self> {
-        check_cuda_device(&config, &device)?;
         // SAFETY: the caller's contract, passed on.
-        let buffers =
-            unsafe { CudaBuffers::in_memory(&config, device, address, bytes, stream, true)? };
-        Ok(Self {
-            config,
-            storage: Storage::Cuda(Box::new(buffers)),
-        })
+        unsafe { Self::over_cuda_memory(config, device, address, bytes, stream, true) }
     }
 
     /// [`Self::in_cuda_memory`] over a region that already holds a scratch of an
@@ -114,10 +108,27 @@ impl PermuteScratch {
         bytes: usize,
         stream: &Stream<'_>,
     ) -> Result<Self> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { Self::over_cuda_memory(config, device, address, bytes, stream, false) }
+    }
+
+    /// [`Self::in_cuda_memory`] (`clear_status`) or [`Self::reopen_cuda_memory`].
+    ///
+    /// # Safety
+    /// As the one of the two it stands for.
+    unsafe fn over_cuda_memory(
+        config: ScratchConfig,
+        device: Arc<CudaDevice>,
+        address: u64,
+        bytes: usize,
+        stream: &Stream<'_>,
+        clear_status: bool,
+    ) -> Result<Self> {
         check_cuda_device(&config, &device)?;
         // SAFETY: the caller's contract, passed on.
-        let buffers =
-            unsafe { CudaBuffers::in_memory(&config, device, address, bytes, stream, false)? };
+        let buffers = unsafe {
+            CudaBuffers::in_memory(&config, device, address, bytes, stream, clear_status)?
+        };
         Ok(Self {
             config,
             storage: Storage::Cuda(Box::new(buffers)),

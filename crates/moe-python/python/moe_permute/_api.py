@@ -172,20 +172,8 @@ def moe_unpermute(
     topk_weights = topk_weights.contiguous()
     inv_permuted_idx = inv_permuted_idx.contiguous()
     expert_first_token_offset = expert_first_token_offset.contiguous()
-    if _through_dispatcher(out):
-        _ops.unpermute(out, permuted_hidden_states, topk_weights, inv_permuted_idx,
-                       expert_first_token_offset)
-        return
-    _native.unpermute(
-        describe("out", out),
-        describe("permuted_hidden_states", permuted_hidden_states),
-        describe("topk_weights", topk_weights),
-        describe("inv_permuted_idx", inv_permuted_idx),
-        describe("expert_first_token_offset", expert_first_token_offset),
-        _state.status_arg(out),
-        stream_of(out),
-        _state.checked,
-    )
+    op = _ops.unpermute if _through_dispatcher(out) else _ops.unpermute_impl
+    op(out, permuted_hidden_states, topk_weights, inv_permuted_idx, expert_first_token_offset)
 
 
 def moe_align_block_size(
