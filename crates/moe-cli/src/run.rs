@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::{Context, anyhow, bail};
 use half::bf16;
 use moe_experts::{
-    CpuMoeBlock, CudaMoeBlock, ExpertsKind, Layout, MoeConfig, MoeWeights, SharedWorkspace,
+    CpuMoeBlock, CudaMoeBlock, ExpertsKind, GroupedRouting, Layout, MoeConfig, MoeWeights, Routing,
+    SharedWorkspace,
 };
 use moe_runtime::Device;
 use moe_runtime::cuda::CudaDevice;
@@ -32,25 +33,40 @@ pub(crate) fn choose_device(choice: DeviceChoice) -> anyhow::Result<Device> {
     })
 }
 
-/// Routing settings: `--top-k` over the config's `num_experts_per_tok`; renormalise
-/// when Mixtral (it always does), when the config says `norm_topk_prob`, or when asked.
-fn routing(args: &RunArgs, layout: Layout, num_experts: usize) -> anyhow::Result<(usize, bool)> {
+/// The block's routing settings: `--top-k` over the config's `num_experts_per_tok`;
+/// renormalise when Mixtral (it always does), when the config says `norm_topk_prob`,
+/// or when asked; the routing function and shared expert from the config (a
+/// DeepSeek-V3 layer has no defaults: its config is required).
+fn routing(
+    args: &RunArgs,
+    layout: Layout,
+    weights: &MoeWeights,
+) -> anyhow::Result<(usize, bool, Routing)> {
+    let num_experts = weights.num_experts;
     let mut top_k = args.top_k;
     let mut norm = args.norm_topk_prob || layout == Layout::Mixtral;
-    if let Some(path) = &config_path(args) {
+    let mut routing = Routing::Softmax;
+    let config_path = config_path(args);
+    if layout == Layout::DeepSeekV3 && config_path.is_none() {
+        bail!(
+            "a {} layer routes by its config.json: pass --config",
+            layout.name()
+        );
+    }
+    if let Some(path) = &config_path {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let config: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
-        refuse_unimplemented(&config)
+        routing = routing_of(&config, weights)
             .with_context(|| format!("{} asks for what the block does not do", path.display()))?;
         if top_k.is_none() {
             top_k = config["num_experts_per_tok"].as_u64().map(|k| k as usize);
         }
         norm |= config["norm_topk_prob"].as_bool().unwrap_or(false);
-        let declared = config["num_local_experts"]
-            .as_u64()
-            .or(config["num_experts"].as_u64());
+        let declared = ["num_local_experts", "num_experts", "n_routed_experts"]
+            .into_iter()
+            .find_map(|key| config[key].as_u64());
         if let Some(declared) = declared
             && declared as usize != num_experts
         {
@@ -65,7 +81,7 @@ fn routing(args: &RunArgs, layout: Layout, num_experts: usize) -> anyhow::Result
     if top_k == 0 || top_k > num_experts {
         bail!("top-k {top_k} must be in 1..={num_experts}");
     }
-    Ok((top_k, norm))
+    Ok((top_k, norm, routing))
 }
 
 /// `--config`, or the `config.json` beside the weights (in a checkpoint directory, or
@@ -82,34 +98,79 @@ fn config_path(args: &RunArgs) -> Option<std::path::PathBuf> {
     Some(dir.join("config.json")).filter(|path| path.is_file())
 }
 
-/// Refuses a `config.json` whose MoE settings the block does not implement, naming
-/// the key: run anyway, such a layer would give wrong output with no error. The block
-/// routes with a softmax over all experts, plain top-k, no shared expert, no scaling,
-/// SiLU experts.
-fn refuse_unimplemented(config: &serde_json::Value) -> anyhow::Result<()> {
+/// The routing a `config.json` describes, checked against what the block implements
+/// and what the weights hold; an error names the key it cannot honour (run anyway,
+/// such a layer would give wrong output with no error). The block routes with a
+/// softmax over all experts and plain top-k (Mixtral, Qwen3-MoE) or as DeepSeek-V3
+/// does (`scoring_func: sigmoid`, `topk_method: noaux_tc`, groups, scaling); its
+/// experts are SiLU-gated; a shared expert must be in the weights.
+fn routing_of(config: &serde_json::Value, weights: &MoeWeights) -> anyhow::Result<Routing> {
     let number = |key: &str| config.get(key).and_then(serde_json::Value::as_f64);
     let text = |key: &str| config.get(key).and_then(serde_json::Value::as_str);
-    if let Some(value) = text("scoring_func").filter(|v| *v != "softmax") {
-        bail!("scoring_func = {value:?}: the block scores experts with softmax only");
-    }
-    if let Some(value) = text("topk_method").filter(|v| *v != "greedy") {
-        bail!("topk_method = {value:?}: the block takes a plain (greedy) top-k only");
-    }
-    if let Some(value) = number("n_group").filter(|v| *v > 1.0) {
-        bail!("n_group = {value}: the block does not do group-limited routing");
-    }
-    for key in ["n_shared_experts", "shared_expert_intermediate_size"] {
-        if let Some(value) = number(key).filter(|v| *v > 0.0) {
-            bail!("{key} = {value}: the block has no shared expert");
-        }
-    }
-    if let Some(value) = number("routed_scaling_factor").filter(|v| *v != 1.0) {
-        bail!("routed_scaling_factor = {value}: the block does not scale routed outputs");
-    }
+    let count = |key: &str| number(key).map(|v| v as usize);
     if let Some(value) = text("hidden_act").filter(|v| *v != "silu") {
         bail!("hidden_act = {value:?}: the block's experts are SiLU-gated");
     }
-    Ok(())
+    if let Some(value) = number("shared_expert_intermediate_size").filter(|v| *v > 0.0) {
+        bail!(
+            "shared_expert_intermediate_size = {value}: Qwen2-MoE's gated shared expert is not implemented"
+        );
+    }
+    // DeepSeek-V3's family routes with sigmoid and noaux_tc whether or not the config
+    // says so (transformers' own configs leave the keys out); a layer with a score
+    // correction is of that family.
+    let deepseek = weights.router_bias.is_some()
+        || matches!(
+            text("model_type"),
+            Some("deepseek_v3" | "kimi_k2" | "glm4_moe")
+        );
+    let (scoring, method) = match (text("scoring_func"), text("topk_method")) {
+        (None, None) if deepseek => ("sigmoid", Some("noaux_tc")),
+        (scoring, method) => (scoring.unwrap_or("softmax"), method),
+    };
+    let routing = match (scoring, method) {
+        ("softmax", None | Some("greedy")) => {
+            if let Some(value) = number("n_group").filter(|v| *v > 1.0) {
+                bail!("n_group = {value}: group-limited softmax routing is not implemented");
+            }
+            if let Some(value) = number("routed_scaling_factor").filter(|v| *v != 1.0) {
+                bail!("routed_scaling_factor = {value}: softmax routing here is not scaled");
+            }
+            Routing::Softmax
+        }
+        ("sigmoid", Some("noaux_tc")) => {
+            let n_group = count("n_group").unwrap_or(1);
+            Routing::Grouped(GroupedRouting {
+                n_group,
+                topk_group: count("topk_group").unwrap_or(n_group),
+                routed_scaling_factor: number("routed_scaling_factor").unwrap_or(1.0) as f32,
+            })
+        }
+        ("softmax" | "sigmoid", Some(method)) => {
+            bail!(
+                "topk_method = {method:?}: the block does greedy top-k (softmax) or noaux_tc (sigmoid)"
+            )
+        }
+        (scoring, _) => bail!(
+            "scoring_func = {scoring:?}: the block scores with softmax, or sigmoid with topk_method noaux_tc"
+        ),
+    };
+    let shared_width = weights.shared.as_ref().map_or(0, |s| s.intermediate_size);
+    match count("n_shared_experts").unwrap_or(0) {
+        0 if shared_width > 0 => {
+            bail!("n_shared_experts is 0 or missing, but the weights have a shared expert")
+        }
+        0 => {}
+        n => {
+            let want = count("moe_intermediate_size").map(|i| i * n);
+            if want != Some(shared_width) {
+                bail!(
+                    "n_shared_experts = {n}: the weights' shared expert is {shared_width} wide (0: none), moe_intermediate_size * n_shared_experts is {want:?}"
+                );
+            }
+        }
+    }
+    Ok(routing)
 }
 
 /// The `hidden_states` tensor of the input, as bf16 `[N, H]`, and whether it was f32.
@@ -146,13 +207,15 @@ fn read_input(path: &Path, hidden_size: usize) -> anyhow::Result<(Vec<bf16>, boo
 
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
     let (weights, layout) = MoeWeights::load(&args.weights, &args.prefix)?;
-    let (top_k, norm_topk_prob) = routing(&args, layout, weights.num_experts)?;
+    let (top_k, norm_topk_prob, routing) = routing(&args, layout, &weights)?;
     let config = MoeConfig {
         hidden_size: weights.hidden_size,
         intermediate_size: weights.intermediate_size,
         num_experts: weights.num_experts,
         top_k,
         norm_topk_prob,
+        routing,
+        shared_intermediate_size: weights.shared.as_ref().map_or(0, |s| s.intermediate_size),
     };
     let (hidden, was_f32) = read_input(&args.input, config.hidden_size)?;
     let tokens = hidden.len() / config.hidden_size;

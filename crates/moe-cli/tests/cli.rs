@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use half::bf16;
-use moe_experts::{CpuMoeBlock, ExpertsKind, Layout, MoeConfig, MoeWeights, SharedWorkspace};
+use moe_experts::{
+    CpuMoeBlock, ExpertsKind, Layout, MoeConfig, MoeWeights, Routing, SharedWorkspace,
+};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 /// The `moe` binary: where cargo built it, or, for test binaries copied to another
@@ -47,6 +49,8 @@ const CONFIG: MoeConfig = MoeConfig {
     num_experts: 6,
     top_k: 2,
     norm_topk_prob: false,
+    routing: Routing::Softmax,
+    shared_intermediate_size: 0,
 };
 
 /// A Qwen-layout checkpoint of random bf16 weights under `model.layers.5`.

@@ -4,7 +4,7 @@ use half::bf16;
 
 use crate::cpu::{CpuExperts, GroupedExperts, HummingExperts, IndexedExperts};
 use crate::mlp::{CpuWeights, widen_rows};
-use crate::router::route;
+use crate::router::{Routing, route, route_grouped};
 use crate::shared::SharedWorkspace;
 use crate::{ExpertsError, MoeConfig, MoeWeights, Result};
 
@@ -114,14 +114,25 @@ impl CpuMoeBlock {
         let mut topk_ids = vec![0i32; tokens * k];
         let mut topk_weights = vec![0f32; tokens * k];
         let logits = logits.as_standard_layout();
-        route(
-            logits.as_slice().expect("standard layout"),
-            e,
-            k,
-            self.config.norm_topk_prob,
-            &mut topk_ids,
-            &mut topk_weights,
-        )?;
+        let logits = logits.as_slice().expect("standard layout");
+        let norm = self.config.norm_topk_prob;
+        match &self.config.routing {
+            Routing::Softmax => route(logits, e, k, norm, &mut topk_ids, &mut topk_weights)?,
+            Routing::Grouped(grouped) => {
+                // Present: `MoeWeights::check` requires it for this routing.
+                let bias = self.weights.router_bias.as_deref().unwrap_or_default();
+                route_grouped(
+                    logits,
+                    bias,
+                    e,
+                    k,
+                    grouped,
+                    norm,
+                    &mut topk_ids,
+                    &mut topk_weights,
+                )?
+            }
+        }
         let mut out = vec![bf16::ZERO; tokens * h];
         self.experts.apply(
             &self.weights,
@@ -130,6 +141,15 @@ impl CpuMoeBlock {
             &topk_weights,
             &mut out,
         )?;
+        // The shared expert's output added to the routed one, as two bf16 tensors add.
+        if let Some(shared) = self
+            .weights
+            .shared_expert(widen_rows(hidden_states, h).view())
+        {
+            for (out, &s) in out.iter_mut().zip(shared.iter()) {
+                *out = bf16::from_f32(out.to_f32() + s);
+            }
+        }
         Ok(BlockOutput {
             hidden_states: out,
             topk_ids,

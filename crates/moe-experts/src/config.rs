@@ -1,9 +1,9 @@
 //! The shape and routing settings of one MoE block.
 
-use crate::{ExpertsError, Result};
+use crate::{ExpertsError, Result, Routing};
 
 /// What a MoE block is: sizes and the router's settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MoeConfig {
     /// `H`.
     pub hidden_size: usize,
@@ -14,8 +14,13 @@ pub struct MoeConfig {
     /// `K`, experts per token.
     pub top_k: usize,
     /// Renormalise the `K` chosen probabilities to sum to 1 (Mixtral always does;
-    /// Qwen2/Qwen3-MoE take it from `norm_topk_prob`).
+    /// Qwen3-MoE and DeepSeek-V3 take it from `norm_topk_prob`).
     pub norm_topk_prob: bool,
+    /// How logits become experts and weights.
+    pub routing: Routing,
+    /// The intermediate size of the shared expert, the MLP every token also goes
+    /// through (DeepSeek-V3's `moe_intermediate_size * n_shared_experts`); 0 for none.
+    pub shared_intermediate_size: usize,
 }
 
 impl MoeConfig {
@@ -31,6 +36,9 @@ impl MoeConfig {
         }
         if self.top_k == 0 || self.top_k > self.num_experts {
             return bad("top_k must be in 1..=num_experts");
+        }
+        if let Routing::Grouped(grouped) = &self.routing {
+            grouped.check(self.num_experts, self.top_k)?;
         }
         Ok(())
     }

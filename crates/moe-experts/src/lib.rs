@@ -30,6 +30,6 @@ pub use config::MoeConfig;
 pub use cuda::CudaMoeBlock;
 pub use error::{ExpertsError, Result};
 pub use mlp::CpuWeights;
-pub use router::route;
+pub use router::{GroupedRouting, Routing, route, route_grouped};
 pub use shared::{ScratchGuard, SharedWorkspace};
-pub use weights::{Layout, MoeWeights};
+pub use weights::{Layout, MoeWeights, SharedExpertWeights};

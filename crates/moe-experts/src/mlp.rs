@@ -19,6 +19,9 @@ pub struct CpuWeights {
     gate: Vec<f32>,
     up: Vec<f32>,
     down: Vec<f32>,
+    pub(crate) router_bias: Option<Vec<f32>>,
+    /// The shared expert: `I_s` and its gate, up and down projections.
+    shared: Option<(usize, [Vec<f32>; 3])>,
 }
 
 fn widen(values: &[bf16]) -> Vec<f32> {
@@ -46,6 +49,11 @@ impl CpuWeights {
             gate: widen(&weights.gate_proj),
             up: widen(&weights.up_proj),
             down: widen(&weights.down_proj),
+            router_bias: weights.router_bias.clone(),
+            shared: weights.shared.as_ref().map(|s| {
+                let projections = [&s.gate_proj, &s.up_proj, &s.down_proj].map(|p| widen(p));
+                (s.intermediate_size, projections)
+            }),
         }
     }
 
@@ -94,16 +102,45 @@ impl CpuWeights {
     /// Expert `expert`'s MLP on the rows of `x` `[m, H]`: `[m, H]`, bf16-rounded.
     pub(crate) fn expert(&self, expert: usize, x: ArrayView2<'_, f32>) -> Array2<f32> {
         let (h, i) = (self.hidden, self.intermediate);
-        let mut gate = x.dot(&self.matrix(&self.gate, expert, i, h).t());
-        let mut up = x.dot(&self.matrix(&self.up, expert, i, h).t());
-        round_bf16(&mut gate);
-        round_bf16(&mut up);
-        let mut act = gate;
-        act.zip_mut_with(&up, |g, &u| *g = bf16::from_f32(silu(*g) * u).to_f32());
-        let mut out = act.dot(&self.matrix(&self.down, expert, h, i).t());
-        round_bf16(&mut out);
-        out
+        mlp(
+            x,
+            self.matrix(&self.gate, expert, i, h),
+            self.matrix(&self.up, expert, i, h),
+            self.matrix(&self.down, expert, h, i),
+        )
     }
+
+    /// The shared expert's MLP on `x` `[N, H]`, where the layer has one.
+    pub(crate) fn shared_expert(&self, x: ArrayView2<'_, f32>) -> Option<Array2<f32>> {
+        let (i, [gate, up, down]) = self.shared.as_ref()?;
+        let (h, i) = (self.hidden, *i);
+        // One matrix each: the shared expert is "expert 0" of its own tensors.
+        Some(mlp(
+            x,
+            self.matrix(gate, 0, i, h),
+            self.matrix(up, 0, i, h),
+            self.matrix(down, 0, h, i),
+        ))
+    }
+}
+
+/// `down(SiLU(gate(x)) * up(x))` on the rows of `x` `[m, H]`: `[m, H]`, rounded to
+/// bf16 after each GEMM and the activation, as the GPU path and a bf16 model are.
+fn mlp(
+    x: ArrayView2<'_, f32>,
+    gate: ArrayView2<'_, f32>,
+    up: ArrayView2<'_, f32>,
+    down: ArrayView2<'_, f32>,
+) -> Array2<f32> {
+    let mut gate = x.dot(&gate.t());
+    let mut up = x.dot(&up.t());
+    round_bf16(&mut gate);
+    round_bf16(&mut up);
+    let mut act = gate;
+    act.zip_mut_with(&up, |g, &u| *g = bf16::from_f32(silu(*g) * u).to_f32());
+    let mut out = act.dot(&down.t());
+    round_bf16(&mut out);
+    out
 }
 
 /// `rows` of bf16 values `[m, H]` as an f32 matrix.

@@ -6,7 +6,7 @@ use moe_runtime::size::{product, zeroed};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::checkpoint::{Mapped, Tensors, shard_paths};
-use crate::{ExpertsError, MoeConfig, Result};
+use crate::{ExpertsError, MoeConfig, Result, Routing};
 
 /// Elements of each tensor of a layer of hidden size `h`, intermediate size `i` and
 /// `e` experts, in the order router, gate, up, down; checked, since all three are
@@ -58,8 +58,12 @@ pub enum Layout {
     /// `w3` (up), `w2` (down).
     Mixtral,
     /// `{p}.mlp.gate`, `{p}.mlp.experts.{e}.gate_proj`, `up_proj`, `down_proj`
-    /// (Qwen2-MoE, Qwen3-MoE).
+    /// (Qwen3-MoE).
     QwenMoe,
+    /// The Qwen-MoE names, plus `{p}.mlp.gate.e_score_correction_bias` and the shared
+    /// expert `{p}.mlp.shared_experts.{gate,up,down}_proj` (DeepSeek-V3, Kimi-K2,
+    /// GLM-4.5).
+    DeepSeekV3,
 }
 
 impl Layout {
@@ -68,6 +72,7 @@ impl Layout {
         match self {
             Layout::Mixtral => "Mixtral",
             Layout::QwenMoe => "Qwen-MoE",
+            Layout::DeepSeekV3 => "DeepSeek-V3",
         }
     }
 
@@ -75,7 +80,7 @@ impl Layout {
     pub fn router(self, prefix: &str) -> String {
         match self {
             Layout::Mixtral => format!("{prefix}.block_sparse_moe.gate.weight"),
-            Layout::QwenMoe => format!("{prefix}.mlp.gate.weight"),
+            Layout::QwenMoe | Layout::DeepSeekV3 => format!("{prefix}.mlp.gate.weight"),
         }
     }
 
@@ -84,7 +89,7 @@ impl Layout {
     pub fn module(self, prefix: &str) -> String {
         match self {
             Layout::Mixtral => format!("{prefix}.block_sparse_moe."),
-            Layout::QwenMoe => format!("{prefix}.mlp."),
+            Layout::QwenMoe | Layout::DeepSeekV3 => format!("{prefix}.mlp."),
         }
     }
 
@@ -94,10 +99,39 @@ impl Layout {
         match self {
             Layout::Mixtral => ["w1", "w3", "w2"]
                 .map(|w| format!("{prefix}.block_sparse_moe.experts.{expert}.{w}.weight")),
-            Layout::QwenMoe => ["gate_proj", "up_proj", "down_proj"]
+            Layout::QwenMoe | Layout::DeepSeekV3 => ["gate_proj", "up_proj", "down_proj"]
                 .map(|w| format!("{prefix}.mlp.experts.{expert}.{w}.weight")),
         }
     }
+
+    /// The name of the score correction `[E]` (DeepSeek-V3's
+    /// `e_score_correction_bias`), in the layouts that have one.
+    pub fn score_correction(self, prefix: &str) -> Option<String> {
+        (self == Layout::DeepSeekV3).then(|| format!("{prefix}.mlp.gate.e_score_correction_bias"))
+    }
+
+    /// The names of the shared expert's gate, up and down projections, `[I_s, H]`,
+    /// `[I_s, H]` and `[H, I_s]`, in the layouts that have one.
+    pub fn shared_expert(self, prefix: &str) -> Option<[String; 3]> {
+        (self == Layout::DeepSeekV3).then(|| {
+            ["gate_proj", "up_proj", "down_proj"]
+                .map(|w| format!("{prefix}.mlp.shared_experts.{w}.weight"))
+        })
+    }
+}
+
+/// The shared expert: one MLP every token goes through, its output added to the
+/// routed experts' (DeepSeek-V3).
+#[derive(Clone, Debug)]
+pub struct SharedExpertWeights {
+    /// `I_s`.
+    pub intermediate_size: usize,
+    /// `[I_s, H]`.
+    pub gate_proj: Vec<bf16>,
+    /// `[I_s, H]`.
+    pub up_proj: Vec<bf16>,
+    /// `[H, I_s]`.
+    pub down_proj: Vec<bf16>,
 }
 
 /// The weights of one MoE layer, bf16, row-major as `nn.Linear` stores them.
@@ -118,6 +152,11 @@ pub struct MoeWeights {
     pub up_proj: Vec<bf16>,
     /// `[E, H, I]`.
     pub down_proj: Vec<bf16>,
+    /// `[E]`: DeepSeek-V3's `e_score_correction_bias`, added to the scores for the
+    /// choice of experts only ([`Routing::Grouped`]).
+    pub router_bias: Option<Vec<f32>>,
+    /// The shared expert, where the layer has one.
+    pub shared: Option<SharedExpertWeights>,
 }
 
 impl MoeWeights {
@@ -155,6 +194,16 @@ impl MoeWeights {
             .ok_or_else(|| ExpertsError::NoMoeLayer {
                 prefix: prefix.to_string(),
             })?;
+        // DeepSeek-V3 is the Qwen names with a score correction and a shared expert.
+        let deepseek = Layout::DeepSeekV3;
+        let extras = [
+            deepseek.score_correction(prefix),
+            deepseek.shared_expert(prefix).map(|[gate, ..]| gate),
+        ];
+        let layout = match layout {
+            Layout::QwenMoe if extras.iter().flatten().any(|name| names.contains(name)) => deepseek,
+            layout => layout,
+        };
         let router_name = layout.router(prefix);
         let router_shape = shape_of(file, &router_name, layout)?;
         refuse_unknown_tensors(&names, layout, prefix, router_shape.first().copied())?;
@@ -196,6 +245,19 @@ impl MoeWeights {
         // Sized from the header, but every tensor was just found with its shape, so the
         // file holds at least as many values.
         let [_, gate_len, up_len, down_len] = tensor_lens(h, i, num_experts)?;
+        let router_bias = match layout.score_correction(prefix) {
+            // f32, not rounded: the correction decides between close scores.
+            Some(name) if names.contains(&name) => {
+                Some(read_f32(file, &name, &[num_experts], layout)?)
+            }
+            _ => None,
+        };
+        let shared = match layout.shared_expert(prefix) {
+            Some(names3) if names.contains(&names3[0]) => {
+                Some(read_shared(file, names3, h, layout)?)
+            }
+            _ => None,
+        };
         let mut weights = MoeWeights {
             hidden_size,
             intermediate_size,
@@ -204,6 +266,8 @@ impl MoeWeights {
             gate_proj: zeroed(gate_len.0, gate_len.1)?,
             up_proj: zeroed(up_len.0, up_len.1)?,
             down_proj: zeroed(down_len.0, down_len.1)?,
+            router_bias,
+            shared,
         };
         // `per_expert * num_experts` fits: it is the length just allocated.
         let per_expert = i * h;
@@ -241,14 +305,40 @@ impl MoeWeights {
                 bf16::from_f32(unit * scale * 1.7)
             })
         };
+        let (router, gate_proj, up_proj, down_proj) = (
+            fill(router, h)?,
+            fill(gate, h)?,
+            fill(up, h)?,
+            fill(down, i)?,
+        );
+        // A score correction of about the size of the scores' spread, so that it
+        // changes some choices.
+        let router_bias = matches!(config.routing, Routing::Grouped(_))
+            .then(|| fill(("e_score_correction_bias", e), 16))
+            .transpose()?
+            .map(|bias| bias.iter().map(|v| v.to_f32()).collect());
+        let shared = match config.shared_intermediate_size {
+            0 => None,
+            s => {
+                let len = product("shared expert weights (I_s * H)", &[s, h])?;
+                Some(SharedExpertWeights {
+                    intermediate_size: s,
+                    gate_proj: fill(("shared gate_proj", len), h)?,
+                    up_proj: fill(("shared up_proj", len), h)?,
+                    down_proj: fill(("shared down_proj", len), s)?,
+                })
+            }
+        };
         Ok(MoeWeights {
             hidden_size: h,
             intermediate_size: i,
             num_experts: e,
-            router: fill(router, h)?,
-            gate_proj: fill(gate, h)?,
-            up_proj: fill(up, h)?,
-            down_proj: fill(down, i)?,
+            router,
+            gate_proj,
+            up_proj,
+            down_proj,
+            router_bias,
+            shared,
         })
     }
 
@@ -264,6 +354,8 @@ impl MoeWeights {
             num_experts: 1,
             top_k: 1,
             norm_topk_prob: false,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
         };
         let pattern = Self::random(&sample, seed)?.router;
         let tile = |(tensor, len): (&'static str, usize), offset: usize| {
@@ -275,6 +367,14 @@ impl MoeWeights {
             config.num_experts,
         );
         let [router, gate, up, down] = tensor_lens(h, i, e)?;
+        // The score correction and shared expert are small: taken from `random`.
+        let small = Self::random(
+            &MoeConfig {
+                intermediate_size: 1,
+                ..config.clone()
+            },
+            seed,
+        )?;
         Ok(MoeWeights {
             hidden_size: h,
             intermediate_size: i,
@@ -283,6 +383,8 @@ impl MoeWeights {
             gate_proj: tile(gate, 101)?,
             up_proj: tile(up, 202)?,
             down_proj: tile(down, 303)?,
+            router_bias: small.router_bias,
+            shared: small.shared,
         })
     }
 
@@ -311,7 +413,60 @@ impl MoeWeights {
                 self.up_proj.len(),
                 self.down_proj.len(),
             ],
-        )
+        )?;
+        let grouped = matches!(config.routing, Routing::Grouped(_));
+        match &self.router_bias {
+            Some(bias) if !grouped => {
+                return Err(ExpertsError::Config(format!(
+                    "the weights have a score correction ({} values), which only \
+                     DeepSeek-V3 routing uses, and the block routes with {:?}",
+                    bias.len(),
+                    config.routing
+                )));
+            }
+            Some(bias) if bias.len() != e => {
+                return Err(ExpertsError::Shape {
+                    tensor: "e_score_correction_bias",
+                    len: bias.len(),
+                    expected: format!("{e} values, one per expert"),
+                });
+            }
+            None if grouped => {
+                return Err(ExpertsError::Config(
+                    "DeepSeek-V3 routing needs the score correction (e_score_correction_bias)"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        let shared = self
+            .shared
+            .as_ref()
+            .map(|s| s.intermediate_size)
+            .unwrap_or(0);
+        if shared != config.shared_intermediate_size {
+            return Err(ExpertsError::Config(format!(
+                "the weights' shared expert is {shared} wide (0: none), the block's {}",
+                config.shared_intermediate_size
+            )));
+        }
+        if let Some(s) = &self.shared {
+            let len = product("shared expert weights (I_s * H)", &[s.intermediate_size, h])?;
+            for (tensor, got) in [
+                ("shared gate_proj", s.gate_proj.len()),
+                ("shared up_proj", s.up_proj.len()),
+                ("shared down_proj", s.down_proj.len()),
+            ] {
+                if got != len {
+                    return Err(ExpertsError::Shape {
+                        tensor,
+                        len: got,
+                        expected: format!("{len} elements"),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -327,8 +482,13 @@ fn refuse_unknown_tensors(
 ) -> Result<()> {
     let module = layout.module(prefix);
     let router = layout.router(prefix);
+    let extras: Vec<String> = layout
+        .score_correction(prefix)
+        .into_iter()
+        .chain(layout.shared_expert(prefix).into_iter().flatten())
+        .collect();
     let known = |name: &str| {
-        if name == router {
+        if name == router || extras.iter().any(|extra| extra == name) {
             return true;
         }
         // `{module}experts.{e}.{projection}.weight` with e below the router's E.
@@ -362,6 +522,32 @@ fn refuse_unknown_tensors(
     }
 }
 
+/// The shared expert's three projections, their width from the gate's shape.
+fn read_shared(
+    file: &Tensors<'_>,
+    [gate, up, down]: [String; 3],
+    h: usize,
+    layout: Layout,
+) -> Result<SharedExpertWeights> {
+    let gate_shape = shape_of(file, &gate, layout)?;
+    let i = match gate_shape[..] {
+        [i, gh] if gh == h => i,
+        _ => {
+            return Err(ExpertsError::TensorShape {
+                name: gate,
+                expected: vec![0, h],
+                got: gate_shape,
+            });
+        }
+    };
+    Ok(SharedExpertWeights {
+        intermediate_size: i,
+        gate_proj: read(file, &gate, &[i, h], layout)?,
+        up_proj: read(file, &up, &[i, h], layout)?,
+        down_proj: read(file, &down, &[h, i], layout)?,
+    })
+}
+
 /// The layer's own prefix, from it or from its MoE module's (what a user copies from
 /// an index file): `model.layers.3.mlp` and `model.layers.3.block_sparse_moe` are
 /// `model.layers.3`.
@@ -382,8 +568,16 @@ fn shape_of(file: &Tensors<'_>, name: &str, layout: Layout) -> Result<Vec<usize>
         })
 }
 
-/// Reads tensor `name`, checking its shape, as bf16.
+/// Reads tensor `name`, checking its shape, as bf16 (f32 values are rounded).
 fn read(file: &Tensors<'_>, name: &str, shape: &[usize], layout: Layout) -> Result<Vec<bf16>> {
+    Ok(read_f32(file, name, shape, layout)?
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect())
+}
+
+/// Reads tensor `name`, checking its shape, as f32 (bf16 values widened exactly).
+fn read_f32(file: &Tensors<'_>, name: &str, shape: &[usize], layout: Layout) -> Result<Vec<f32>> {
     let tensor = file.get(name).ok_or_else(|| ExpertsError::MissingTensor {
         name: name.to_string(),
         layout: layout.name(),
@@ -399,11 +593,11 @@ fn read(file: &Tensors<'_>, name: &str, shape: &[usize], layout: Layout) -> Resu
     match tensor.dtype() {
         Dtype::BF16 => Ok(data
             .chunks_exact(2)
-            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
             .collect()),
         Dtype::F32 => Ok(data
             .chunks_exact(4)
-            .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect()),
         other => Err(ExpertsError::TensorDtype {
             name: name.to_string(),

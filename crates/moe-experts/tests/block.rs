@@ -7,7 +7,8 @@
 use half::bf16;
 use moe_experts::cpu::{CpuExperts, GroupedExperts, HummingExperts, IndexedExperts};
 use moe_experts::{
-    CpuMoeBlock, CpuWeights, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace,
+    CpuMoeBlock, CpuWeights, ExpertsError, ExpertsKind, GroupedRouting, MoeConfig, MoeWeights,
+    Routing, SharedWorkspace,
 };
 use moe_runtime::cpu::{self, PermuteInput};
 use moe_runtime::{MoeError, Rows, TopkIds};
@@ -21,7 +22,7 @@ fn round(x: f32) -> f32 {
 /// `down(SiLU(gate x) * up x)` with bf16 rounding after each GEMM and the activation;
 /// the weighted sum in f32 over ascending k, rounded once.
 fn reference(config: &MoeConfig, w: &MoeWeights, hidden: &[bf16]) -> (Vec<f32>, Vec<i32>) {
-    let (h, e, k) = (config.hidden_size, config.num_experts, config.top_k);
+    let (h, e) = (config.hidden_size, config.num_experts);
     let f = |v: &[bf16], idx: usize| v[idx].to_f32();
     let tokens = hidden.len() / h;
     let mut out = vec![0.0f32; tokens * h];
@@ -31,27 +32,13 @@ fn reference(config: &MoeConfig, w: &MoeWeights, hidden: &[bf16]) -> (Vec<f32>, 
         let logits: Vec<f32> = (0..e)
             .map(|ex| (0..h).map(|c| x[c] * f(&w.router, ex * h + c)).sum())
             .collect();
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-        let mut ids: Vec<usize> = Vec::new();
-        for _ in 0..k {
-            let mut best = usize::MAX;
-            for ex in 0..e {
-                if !ids.contains(&ex) && (best == usize::MAX || logits[ex] > logits[best]) {
-                    best = ex;
-                }
-            }
-            ids.push(best);
-        }
-        let probs: Vec<f32> = ids.iter().map(|&ex| (logits[ex] - max).exp()).collect();
-        let denominator = if config.norm_topk_prob {
-            probs.iter().sum()
-        } else {
-            total
+        let (ids, weights) = match &config.routing {
+            Routing::Softmax => softmax_routing(config, &logits),
+            Routing::Grouped(g) => grouped_routing(config, g, w, &logits),
         };
         let mut acc = vec![0.0f32; h];
         for (slot, &ex) in ids.iter().enumerate() {
-            let weight = probs[slot] / denominator;
+            let weight = weights[slot];
             for (acc, y) in acc.iter_mut().zip(expert_mlp(config, w, ex, &x)) {
                 *acc += weight * y;
             }
@@ -60,22 +47,117 @@ fn reference(config: &MoeConfig, w: &MoeWeights, hidden: &[bf16]) -> (Vec<f32>, 
         for c in 0..h {
             out[t * h + c] = round(acc[c]);
         }
+        // The shared expert's output, added to the routed one as two bf16 tensors add.
+        if let Some(shared) = &w.shared {
+            let y = mlp(
+                &x,
+                h,
+                shared.intermediate_size,
+                &shared.gate_proj,
+                &shared.up_proj,
+                &shared.down_proj,
+            );
+            for c in 0..h {
+                out[t * h + c] = round(out[t * h + c] + y[c]);
+            }
+        }
     }
     (out, all_ids)
+}
+
+/// Softmax over the logits, the `K` largest (ties to the lower id), their
+/// probabilities, renormalised when the config says so.
+fn softmax_routing(config: &MoeConfig, logits: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    let mut ids: Vec<usize> = Vec::new();
+    for _ in 0..config.top_k {
+        let mut best = usize::MAX;
+        for ex in 0..logits.len() {
+            if !ids.contains(&ex) && (best == usize::MAX || logits[ex] > logits[best]) {
+                best = ex;
+            }
+        }
+        ids.push(best);
+    }
+    let probs: Vec<f32> = ids.iter().map(|&ex| (logits[ex] - max).exp()).collect();
+    let denominator = if config.norm_topk_prob {
+        probs.iter().sum()
+    } else {
+        total
+    };
+    (ids, probs.iter().map(|p| p / denominator).collect())
+}
+
+/// DeepSeek-V3's routing: sigmoid scores, corrected by the bias for the choice; the
+/// `topk_group` groups with the largest sums of their two best corrected scores; the
+/// `K` best corrected scores in them; weights the uncorrected scores, renormalised
+/// (plus 1e-20) when asked, scaled. Ties to the lower group and id.
+fn grouped_routing(
+    config: &MoeConfig,
+    g: &GroupedRouting,
+    w: &MoeWeights,
+    logits: &[f32],
+) -> (Vec<usize>, Vec<f32>) {
+    let bias = w.router_bias.as_ref().expect("grouped routing has a bias");
+    let e = logits.len();
+    let size = e / g.n_group;
+    let s: Vec<f32> = logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect();
+    let c: Vec<f32> = (0..e).map(|x| s[x] + bias[x]).collect();
+    let ranked = |values: &[f32], mut among: Vec<usize>| {
+        among.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+        among
+    };
+    let sums: Vec<f32> = (0..g.n_group)
+        .map(|grp| {
+            let best = ranked(&c, (grp * size..(grp + 1) * size).collect());
+            c[best[0]] + c[best[1]]
+        })
+        .collect();
+    let groups = ranked(&sums, (0..g.n_group).collect());
+    let allowed = (0..e)
+        .filter(|x| groups[..g.topk_group].contains(&(x / size)))
+        .collect();
+    let ids: Vec<usize> = ranked(&c, allowed).into_iter().take(config.top_k).collect();
+    let total: f32 = ids.iter().map(|&x| s[x]).sum();
+    let weights = ids
+        .iter()
+        .map(|&x| {
+            let w = if config.norm_topk_prob {
+                s[x] / (total + 1e-20)
+            } else {
+                s[x]
+            };
+            w * g.routed_scaling_factor
+        })
+        .collect();
+    (ids, weights)
 }
 
 /// Expert `ex`'s `down(SiLU(gate x) * up x)` on one token `x`, with bf16 rounding after
 /// each GEMM and the activation.
 fn expert_mlp(config: &MoeConfig, w: &MoeWeights, ex: usize, x: &[f32]) -> Vec<f32> {
     let (h, i) = (config.hidden_size, config.intermediate_size);
-    let f = |v: &[bf16], idx: usize| v[idx].to_f32();
+    let slice = |v: &[bf16]| v[ex * i * h..(ex + 1) * i * h].to_vec();
+    mlp(
+        x,
+        h,
+        i,
+        &slice(&w.gate_proj),
+        &slice(&w.up_proj),
+        &slice(&w.down_proj),
+    )
+}
+
+/// `down(SiLU(gate x) * up x)` of one MLP (`[i, h]`, `[i, h]`, `[h, i]`) on one token.
+fn mlp(x: &[f32], h: usize, i: usize, gate: &[bf16], up: &[bf16], down: &[bf16]) -> Vec<f32> {
     let mut act = vec![0.0f32; i];
     for r in 0..i {
         let mut g = 0.0f32;
         let mut u = 0.0f32;
         for c in 0..h {
-            g += x[c] * f(&w.gate_proj, (ex * i + r) * h + c);
-            u += x[c] * f(&w.up_proj, (ex * i + r) * h + c);
+            g += x[c] * gate[r * h + c].to_f32();
+            u += x[c] * up[r * h + c].to_f32();
         }
         let (g, u) = (round(g), round(u));
         act[r] = round(g / (1.0 + (-g).exp()) * u);
@@ -84,7 +166,7 @@ fn expert_mlp(config: &MoeConfig, w: &MoeWeights, ex: usize, x: &[f32]) -> Vec<f
         .map(|c| {
             let mut y = 0.0f32;
             for r in 0..i {
-                y += act[r] * f(&w.down_proj, (ex * h + c) * i + r);
+                y += act[r] * down[c * i + r].to_f32();
             }
             round(y)
         })
@@ -128,6 +210,8 @@ fn configs() -> Vec<MoeConfig> {
             num_experts: 8,
             top_k: 2,
             norm_topk_prob: true,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
         },
         // Qwen3-MoE-like: many experts, top-4, renormalised.
         MoeConfig {
@@ -136,6 +220,23 @@ fn configs() -> Vec<MoeConfig> {
             num_experts: 32,
             top_k: 4,
             norm_topk_prob: true,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
+        },
+        // DeepSeek-V3-like: grouped sigmoid routing with a score correction, scaled, and
+        // a shared expert.
+        MoeConfig {
+            hidden_size: 32,
+            intermediate_size: 16,
+            num_experts: 16,
+            top_k: 4,
+            norm_topk_prob: true,
+            routing: Routing::Grouped(GroupedRouting {
+                n_group: 4,
+                topk_group: 2,
+                routed_scaling_factor: 2.5,
+            }),
+            shared_intermediate_size: 24,
         },
         // Qwen2-MoE-like: without renormalisation.
         MoeConfig {
@@ -144,6 +245,8 @@ fn configs() -> Vec<MoeConfig> {
             num_experts: 16,
             top_k: 3,
             norm_topk_prob: false,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
         },
     ]
 }
@@ -167,8 +270,12 @@ fn every_backend_matches_the_naive_block() {
                     assert!(error < 5e-3, "{kind:?} {config:?} N={tokens}: {error}");
                     assert!(got.hidden_states.iter().any(|v| v.to_f32() != 0.0));
                 }
+                let scale = match &config.routing {
+                    Routing::Grouped(g) => g.routed_scaling_factor,
+                    Routing::Softmax => 1.0,
+                };
                 for row in got.topk_weights.chunks(config.top_k) {
-                    let sum: f32 = row.iter().sum();
+                    let sum: f32 = row.iter().sum::<f32>() / scale;
                     assert!(sum > 0.0 && sum <= 1.0 + 1e-5, "{row:?}");
                     if config.norm_topk_prob {
                         assert!((sum - 1.0).abs() < 1e-5);
@@ -414,6 +521,8 @@ fn sizes_that_overflow_or_cannot_be_had_are_errors() {
         num_experts: 2,
         top_k: 1,
         norm_topk_prob: true,
+        routing: Routing::Softmax,
+        shared_intermediate_size: 0,
     };
     let overflow = MoeError::SizeOverflow {
         quantity: "expert weights (E * I * H)",
@@ -431,6 +540,8 @@ fn sizes_that_overflow_or_cannot_be_had_are_errors() {
         gate_proj: Vec::new(),
         up_proj: Vec::new(),
         down_proj: Vec::new(),
+        router_bias: None,
+        shared: None,
     };
     let block = CpuMoeBlock::new(
         config,
@@ -451,6 +562,8 @@ fn sizes_that_overflow_or_cannot_be_had_are_errors() {
         num_experts: 1,
         top_k: 1,
         norm_topk_prob: true,
+        routing: Routing::Softmax,
+        shared_intermediate_size: 0,
     };
     match MoeWeights::repeating(&config, 1).unwrap_err() {
         ExpertsError::Runtime(error) => assert_eq!(

@@ -2,7 +2,7 @@
 //! and both dtypes, and the errors a bad checkpoint gives.
 
 use half::bf16;
-use moe_experts::{ExpertsError, Layout, MoeConfig, MoeWeights};
+use moe_experts::{ExpertsError, Layout, MoeConfig, MoeWeights, Routing};
 use safetensors::{Dtype, tensor::TensorView};
 
 const CONFIG: MoeConfig = MoeConfig {
@@ -11,6 +11,8 @@ const CONFIG: MoeConfig = MoeConfig {
     num_experts: 4,
     top_k: 2,
     norm_topk_prob: true,
+    routing: Routing::Softmax,
+    shared_intermediate_size: 0,
 };
 
 /// A checkpoint holding `weights` under `prefix` in `layout`, as bf16 or f32, with
@@ -188,11 +190,7 @@ fn sizes_in_a_header_reserve_nothing_before_every_tensor_is_found() {
 fn with_extra(bytes: &[u8], extra: &[&str]) -> Vec<u8> {
     let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
     let values = [0u8; 8];
-    let mut views: Vec<(String, TensorView<'_>)> = file
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view))
-        .collect();
+    let mut views: Vec<(String, TensorView<'_>)> = file.tensors();
     for name in extra {
         let view = TensorView::new(Dtype::BF16, vec![4], &values).unwrap();
         views.push((name.to_string(), view));
@@ -202,18 +200,16 @@ fn with_extra(bytes: &[u8], extra: &[&str]) -> Vec<u8> {
 
 #[test]
 fn tensors_the_block_would_ignore_are_refused_by_name() {
-    // A DeepSeek-V3 layer reads like a Qwen-MoE one but for these; a Qwen2-MoE layer
-    // has a shared expert; Mixtral has no extra tensors, so anything else is refused.
+    // A Qwen2-MoE layer has a gated shared expert, a quantised one scales; Mixtral has
+    // no extra tensors, so anything else is refused. (DeepSeek-V3's correction and
+    // shared experts are read: `a_deepseek_v3_layer_loads_...`.)
     let weights = MoeWeights::random(&CONFIG, 8).unwrap();
     let cases = [
         (
             Layout::QwenMoe,
-            "model.layers.3.mlp.gate.e_score_correction_bias",
+            "model.layers.3.mlp.shared_expert.gate_proj.weight",
         ),
-        (
-            Layout::QwenMoe,
-            "model.layers.3.mlp.shared_experts.gate_proj.weight",
-        ),
+        (Layout::QwenMoe, "model.layers.3.mlp.gate.bias"),
         (
             Layout::QwenMoe,
             "model.layers.3.mlp.shared_expert_gate.weight",
@@ -328,4 +324,75 @@ fn a_layer_split_across_shards_loads_from_the_directory_or_its_index() {
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+#[test]
+fn a_deepseek_v3_layer_loads_its_correction_and_shared_expert() {
+    let config = MoeConfig {
+        routing: Routing::Grouped(moe_experts::GroupedRouting {
+            n_group: 2,
+            topk_group: 1,
+            routed_scaling_factor: 2.0,
+        }),
+        shared_intermediate_size: 8,
+        ..CONFIG
+    };
+    let weights = MoeWeights::random(&config, 12).unwrap();
+    let prefix = "model.layers.3";
+    let bytes = checkpoint(&weights, Layout::QwenMoe, prefix, false, None, None);
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views = file.tensors();
+    // The correction in f32, as DeepSeek-V3 stores it: read without rounding.
+    let bias: Vec<u8> = weights
+        .router_bias
+        .as_ref()
+        .unwrap()
+        .iter()
+        .flat_map(|v| (v + 1e-4).to_le_bytes())
+        .collect();
+    let shared = weights.shared.as_ref().unwrap();
+    let encode = |v: &[half::bf16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let (gate, up, down) = (
+        encode(&shared.gate_proj),
+        encode(&shared.up_proj),
+        encode(&shared.down_proj),
+    );
+    let deepseek = Layout::DeepSeekV3;
+    let [gate_name, up_name, down_name] = deepseek.shared_expert(prefix).unwrap();
+    views.push((
+        deepseek.score_correction(prefix).unwrap(),
+        TensorView::new(Dtype::F32, vec![4], &bias).unwrap(),
+    ));
+    views.push((
+        gate_name,
+        TensorView::new(Dtype::BF16, vec![8, 16], &gate).unwrap(),
+    ));
+    views.push((
+        up_name,
+        TensorView::new(Dtype::BF16, vec![8, 16], &up).unwrap(),
+    ));
+    views.push((
+        down_name,
+        TensorView::new(Dtype::BF16, vec![16, 8], &down).unwrap(),
+    ));
+    let bytes = safetensors::serialize(views, None).unwrap();
+
+    let (loaded, layout) = MoeWeights::from_safetensors(&bytes, "model.layers.3.mlp").unwrap();
+    assert_eq!(layout, Layout::DeepSeekV3);
+    let want: Vec<f32> = weights
+        .router_bias
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v + 1e-4)
+        .collect();
+    assert_eq!(loaded.router_bias.as_deref(), Some(&want[..]));
+    let got = loaded.shared.as_ref().unwrap();
+    assert_eq!(
+        (got.intermediate_size, &got.down_proj),
+        (8, &shared.down_proj)
+    );
+    loaded.check(&config).unwrap();
+    // Read as a softmax layer it is refused: the correction would be ignored.
+    assert!(loaded.check(&CONFIG).is_err());
 }

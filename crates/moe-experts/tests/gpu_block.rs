@@ -9,7 +9,8 @@ use std::sync::Arc;
 use half::bf16;
 use moe_experts::cuda::{router_topk, silu_mul};
 use moe_experts::{
-    CpuMoeBlock, CudaMoeBlock, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace,
+    CpuMoeBlock, CudaMoeBlock, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Routing,
+    SharedWorkspace,
 };
 use moe_runtime::cuda::{
     self, CudaDevice, CudaStream, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows,
@@ -54,6 +55,8 @@ fn configs() -> Vec<MoeConfig> {
             num_experts: 8,
             top_k: 2,
             norm_topk_prob: true,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
         },
         MoeConfig {
             hidden_size: 128,
@@ -61,6 +64,8 @@ fn configs() -> Vec<MoeConfig> {
             num_experts: 64,
             top_k: 8,
             norm_topk_prob: true,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
         },
         MoeConfig {
             hidden_size: 256,
@@ -68,6 +73,8 @@ fn configs() -> Vec<MoeConfig> {
             num_experts: 128,
             top_k: 8,
             norm_topk_prob: false,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
         },
     ]
 }

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use half::bf16;
-use moe_experts::{CpuMoeBlock, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace};
+use moe_experts::{CpuMoeBlock, ExpertsKind, MoeConfig, MoeWeights, Routing, SharedWorkspace};
 use moe_runtime::cpu::{self, PermuteInput, UnpermuteInput};
 use moe_runtime::{DType, Device, PermuteScratch, Rows, ScratchConfig, TopkIds};
 use rayon::prelude::*;
@@ -157,6 +157,8 @@ pub(crate) fn run(
             num_experts: shape.experts,
             top_k: shape.topk,
             norm_topk_prob: true,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
         };
         let weights = MoeWeights::repeating(&config, 7)?;
         let max_tokens = block_tokens.iter().copied().max().unwrap_or(1);

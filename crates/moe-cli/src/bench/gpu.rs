@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, sys};
 use half::bf16;
-use moe_experts::{CudaMoeBlock, ExpertsKind, MoeConfig, MoeWeights, SharedWorkspace};
+use moe_experts::{CudaMoeBlock, ExpertsKind, MoeConfig, MoeWeights, Routing, SharedWorkspace};
 use moe_runtime::cuda::{
     self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceRowsMut,
     DeviceTopkIds, DeviceUnpermuteInput, StatusBuffer,
@@ -240,6 +240,8 @@ pub(crate) fn run(
             num_experts: shape.experts,
             top_k: shape.topk,
             norm_topk_prob: true,
+            routing: Routing::Softmax,
+            shared_intermediate_size: 0,
         };
         let max_tokens = block_tokens.iter().copied().max().unwrap_or(1);
         let weights = MoeWeights::repeating(&config, 7)?;

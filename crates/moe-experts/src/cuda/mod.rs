@@ -26,7 +26,7 @@ pub use blas::{Blas, GemmOutput};
 pub use kernels::{copy_device, router_topk, silu_mul};
 
 use crate::shared::{ScratchGuard, ScratchSource, SharedWorkspace};
-use crate::{BlockOutput, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Result};
+use crate::{BlockOutput, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Result, Routing};
 
 fn zeros<T: cuda::DeviceRepr + cuda::ValidAsZeroBits>(
     device: &CudaDevice,
@@ -111,6 +111,13 @@ impl CudaMoeBlock {
         max_num_tokens: usize,
     ) -> Result<Self> {
         weights.check(&config)?;
+        if config.routing != Routing::Softmax || config.shared_intermediate_size > 0 {
+            return Err(ExpertsError::Unsupported {
+                backend: "CudaMoeBlock",
+                device: device.device(),
+                reason: "DeepSeek-V3 routing and shared experts run on the CPU block only, so far",
+            });
+        }
         let same_device = workspace
             .lock()
             .cuda_device()
