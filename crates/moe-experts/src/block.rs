@@ -108,9 +108,9 @@ impl CpuMoeBlock {
         // The router's `[N, E]` logits (and `[N, K]` routing, K <= E) are larger than
         // the input when E > H: their size is checked first.
         moe_runtime::size::product("router logits (N * E)", &[tokens, e])?;
-        let logits = self
-            .weights
-            .router_logits(widen_rows(hidden_states, h).view());
+        // Widened once: the router and the shared expert read the same rows.
+        let rows = widen_rows(hidden_states, h);
+        let logits = self.weights.router_logits(rows.view());
         let mut topk_ids = vec![0i32; tokens * k];
         let mut topk_weights = vec![0f32; tokens * k];
         let logits = logits.as_standard_layout();
@@ -142,10 +142,7 @@ impl CpuMoeBlock {
             &mut out,
         )?;
         // The shared expert's output added to the routed one, as two bf16 tensors add.
-        if let Some(shared) = self
-            .weights
-            .shared_expert(widen_rows(hidden_states, h).view())
-        {
+        if let Some(shared) = self.weights.shared_expert(rows.view()) {
             for (out, &s) in out.iter_mut().zip(shared.iter()) {
                 *out = bf16::from_f32(out.to_f32() + s);
             }

@@ -79,29 +79,7 @@ pub fn route(
     topk_ids: &mut [i32],
     topk_weights: &mut [f32],
 ) -> Result<()> {
-    if top_k == 0 || top_k > num_experts {
-        return Err(ExpertsError::Config(format!(
-            "top_k {top_k} must be in 1..={num_experts} (num_experts)"
-        )));
-    }
-    if i32::try_from(num_experts).is_err() {
-        return Err(ExpertsError::Config(format!(
-            "num_experts {num_experts} does not fit in i32, the type of topk_ids"
-        )));
-    }
-    let tokens = logits.len() / num_experts;
-    let whole = logits.len() % num_experts == 0
-        && topk_ids.len() == tokens * top_k
-        && topk_weights.len() == tokens * top_k;
-    if !whole {
-        return Err(ExpertsError::Shape {
-            tensor: "logits",
-            len: logits.len(),
-            expected: format!(
-                "whole tokens of {num_experts} logits, with topk_ids and topk_weights of {top_k} each"
-            ),
-        });
-    }
+    check_slices(logits, num_experts, top_k, topk_ids, topk_weights)?;
     for ((logits, ids), weights) in logits
         .chunks_exact(num_experts)
         .zip(topk_ids.chunks_exact_mut(top_k))
@@ -111,19 +89,9 @@ pub fn route(
         let total: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
         let mut chosen_total = 0.0;
         for k in 0..top_k {
-            // The best expert not chosen yet: strictly larger wins, so ties keep the
-            // lower id.
-            let mut best = None::<usize>;
-            for (e, &l) in logits.iter().enumerate() {
-                if ids[..k].contains(&(e as i32)) {
-                    continue;
-                }
-                if best.is_none_or(|b| l > logits[b]) {
-                    best = Some(e);
-                }
-            }
-            // Some: k < top_k <= num_experts, so an expert is left to choose.
-            let best = best.unwrap_or_default();
+            // The best expert not chosen yet (ties keep the lower id); k < top_k <=
+            // num_experts, so one is left to choose.
+            let best = best_unchosen(logits, |e| ids[..k].contains(&(e as i32)));
             ids[k] = best as i32;
             weights[k] = (logits[best] - max).exp();
             chosen_total += weights[k];
@@ -159,30 +127,13 @@ pub fn route_grouped(
     topk_ids: &mut [i32],
     topk_weights: &mut [f32],
 ) -> Result<()> {
-    if top_k == 0 || top_k > num_experts || i32::try_from(num_experts).is_err() {
-        return Err(ExpertsError::Config(format!(
-            "top_k {top_k} must be in 1..={num_experts} (num_experts, at most i32::MAX)"
-        )));
-    }
+    check_slices(logits, num_experts, top_k, topk_ids, topk_weights)?;
     routing.check(num_experts, top_k)?;
     if bias.len() != num_experts {
         return Err(ExpertsError::Shape {
             tensor: "e_score_correction_bias",
             len: bias.len(),
             expected: format!("{num_experts} values, one per expert"),
-        });
-    }
-    let tokens = logits.len() / num_experts;
-    let whole = logits.len() % num_experts == 0
-        && topk_ids.len() == tokens * top_k
-        && topk_weights.len() == tokens * top_k;
-    if !whole {
-        return Err(ExpertsError::Shape {
-            tensor: "logits",
-            len: logits.len(),
-            expected: format!(
-                "whole tokens of {num_experts} logits, with topk_ids and topk_weights of {top_k} each"
-            ),
         });
     }
     let group_size = num_experts / routing.n_group;
@@ -229,6 +180,41 @@ pub fn route_grouped(
         for w in weights.iter_mut() {
             *w = *w / denominator * routing.routed_scaling_factor;
         }
+    }
+    Ok(())
+}
+
+/// The checks both routers make before writing: `top_k` in `1..=num_experts`,
+/// `num_experts` within i32 (the type of `topk_ids`), whole tokens in every slice.
+fn check_slices(
+    logits: &[f32],
+    num_experts: usize,
+    top_k: usize,
+    topk_ids: &[i32],
+    topk_weights: &[f32],
+) -> Result<()> {
+    if top_k == 0 || top_k > num_experts {
+        return Err(ExpertsError::Config(format!(
+            "top_k {top_k} must be in 1..={num_experts} (num_experts)"
+        )));
+    }
+    if i32::try_from(num_experts).is_err() {
+        return Err(ExpertsError::Config(format!(
+            "num_experts {num_experts} does not fit in i32, the type of topk_ids"
+        )));
+    }
+    let tokens = logits.len() / num_experts;
+    let whole = logits.len() % num_experts == 0
+        && topk_ids.len() == tokens * top_k
+        && topk_weights.len() == tokens * top_k;
+    if !whole {
+        return Err(ExpertsError::Shape {
+            tensor: "logits",
+            len: logits.len(),
+            expected: format!(
+                "whole tokens of {num_experts} logits, with topk_ids and topk_weights of {top_k} each"
+            ),
+        });
     }
     Ok(())
 }

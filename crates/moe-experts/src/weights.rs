@@ -215,17 +215,7 @@ impl MoeWeights {
             });
         };
         let [gate0, ..] = layout.expert(prefix, 0);
-        let gate0_shape = shape_of(file, &gate0, layout)?;
-        let intermediate_size = match gate0_shape[..] {
-            [i, h] if h == hidden_size => i,
-            _ => {
-                return Err(ExpertsError::TensorShape {
-                    name: gate0,
-                    expected: vec![0, hidden_size],
-                    got: gate0_shape,
-                });
-            }
-        };
+        let intermediate_size = width_of(file, &gate0, hidden_size, layout)?;
         let (h, i) = (hidden_size, intermediate_size);
         // Every expert's tensors are there with their shapes before any memory is
         // reserved for them: the sizes come from the file's header.
@@ -522,6 +512,20 @@ fn refuse_unknown_tensors(
     }
 }
 
+/// The intermediate size `I` of an MLP, from the shape `[I, H]` of its gate
+/// projection `gate`; the gate must be there with rows of `h`.
+fn width_of(file: &Tensors<'_>, gate: &str, h: usize, layout: Layout) -> Result<usize> {
+    let shape = shape_of(file, gate, layout)?;
+    match shape[..] {
+        [i, gh] if gh == h => Ok(i),
+        _ => Err(ExpertsError::TensorShape {
+            name: gate.to_string(),
+            expected: vec![0, h],
+            got: shape,
+        }),
+    }
+}
+
 /// The shared expert's three projections, their width from the gate's shape.
 fn read_shared(
     file: &Tensors<'_>,
@@ -529,17 +533,7 @@ fn read_shared(
     h: usize,
     layout: Layout,
 ) -> Result<SharedExpertWeights> {
-    let gate_shape = shape_of(file, &gate, layout)?;
-    let i = match gate_shape[..] {
-        [i, gh] if gh == h => i,
-        _ => {
-            return Err(ExpertsError::TensorShape {
-                name: gate,
-                expected: vec![0, h],
-                got: gate_shape,
-            });
-        }
-    };
+    let i = width_of(file, &gate, h, layout)?;
     Ok(SharedExpertWeights {
         intermediate_size: i,
         gate_proj: read(file, &gate, &[i, h], layout)?,
