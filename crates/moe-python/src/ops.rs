@@ -95,12 +95,7 @@ impl PermuteArgs {
         let out_scales = Tensor::optional("permuted a1q_scale", out_scales)?;
         let hidden_size = hidden.dims(2, "[num_tokens, hidden_size]")?[1];
         hidden.row_dtype()?;
-        let topk = topk_ids.dims(2, "[num_tokens, topk]")?[1];
-        topk_ids.expect(&[Elem::I32, Elem::I64], "int32 or int64")?;
-        if let Some(map) = &expert_map {
-            map.dims(1, "[num_experts]")?;
-            map.expect(&[Elem::I32], "int32")?;
-        }
+        let topk = routing_args(&topk_ids, expert_map.as_ref())?;
         let scale_columns = match &scales {
             Some(scales) => {
                 scales.expect(&[Elem::Rows(DType::F32)], "float32")?;
@@ -353,12 +348,7 @@ pub(crate) fn align(
     let topk_ids = Tensor::new("topk_ids", topk_ids)?;
     let expert_map = Tensor::optional("expert_map", expert_map)?;
     let workspace = Tensor::new("workspace", workspace)?;
-    let topk = topk_ids.dims(2, "[num_tokens, topk]")?[1];
-    topk_ids.expect(&[Elem::I32, Elem::I64], "int32 or int64")?;
-    if let Some(map) = &expert_map {
-        map.dims(1, "[num_experts]")?;
-        map.expect(&[Elem::I32], "int32")?;
-    }
+    let topk = routing_args(&topk_ids, expert_map.as_ref())?;
     let mut all = vec![&topk_ids, &workspace];
     all.extend(expert_map.iter());
     common_place(&all)?;
@@ -416,6 +406,18 @@ fn align_on(
             Ok(())
         }
     }
+}
+
+/// Checks the routing arguments permute and align share: `topk_ids` `[N, K]` int32 or
+/// int64, `expert_map` `[E]` int32. Returns `K`.
+fn routing_args(topk_ids: &Tensor, expert_map: Option<&Tensor>) -> PyResult<usize> {
+    let topk = topk_ids.dims(2, "[num_tokens, topk]")?[1];
+    topk_ids.expect(&[Elem::I32, Elem::I64], "int32 or int64")?;
+    if let Some(map) = expert_map {
+        map.dims(1, "[num_experts]")?;
+        map.expect(&[Elem::I32], "int32")?;
+    }
+    Ok(topk)
 }
 
 /// Reads a status block made by the Python layer (the one unpermute records into)

@@ -14,7 +14,7 @@ import torch
 from . import _native, _ops, _state
 from ._native import MoeInputError
 from ._scratch import MoEPermuteScratch
-from ._tensor import describe, stream_of
+from ._tensor import describe, describe_optional, stream_of
 
 _ID_TYPES = (torch.int32, torch.int64)
 
@@ -124,10 +124,10 @@ def _permute_eager(scratch, hidden_states, topk_ids, expert_map, scales, scales_
         scratch._native,
         describe("hidden_states", hidden_states),
         describe("topk_ids", topk_ids),
-        None if expert_map is None else describe("expert_map", expert_map),
-        None if scales is None else describe("a1q_scale", scales),
+        describe_optional("expert_map", expert_map),
+        describe_optional("a1q_scale", scales),
         describe("permuted_hidden_states", rows),
-        None if permuted_scales is None else describe("permuted a1q_scale", permuted_scales),
+        describe_optional("permuted a1q_scale", permuted_scales),
         None,
         stream_of(hidden_states),
         _state.checked,
