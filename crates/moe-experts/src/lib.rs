@@ -1,8 +1,9 @@
 //! Expert backends and the whole MoE block, on top of moe-permute's runtime.
 //!
 //! A block routes each token (softmax over the router's logits, top-k, optional
-//! renormalisation), runs each token's `K` experts (`down(SiLU(gate(x)) * up(x))`) and
-//! sums their outputs, weighted. The experts run through a backend that takes its
+//! renormalisation; or DeepSeek-V3's grouped sigmoid routing), runs each token's `K`
+//! experts (`down(SiLU(gate(x)) * up(x))`) and sums their outputs, weighted, plus a
+//! shared expert's output where the layer has one. The experts run through a backend that takes its
 //! permute scratch from a [`SharedWorkspace`], lazily, on first use
 //! (`get_permute_scratch()`): the backends of every layer can share one workspace, so
 //! scratch memory does not grow with the layer count.

@@ -2,6 +2,8 @@
 //! renormalisation, as Mixtral and Qwen3-MoE define it; and DeepSeek-V3's sigmoid
 //! scores with a score correction and group-limited top-k.
 
+use moe_kernels::routing;
+
 use crate::{ExpertsError, Result};
 
 /// How a block turns a token's router logits into its `K` experts and their weights.
@@ -110,8 +112,11 @@ pub fn route(
 /// `topk_group` best groups kept; among their experts the `K` highest `c`; weights
 /// the uncorrected `s` of those, divided by their sum (plus 1e-20) when
 /// `norm_topk_prob`, times `routed_scaling_factor`. Ties go to the lower group and
-/// the lower expert id. Writes `topk_ids` and `topk_weights` (`[N, K]`), each
-/// token's experts in descending `c`.
+/// the lower expert id; a NaN ranks below every number. Writes `topk_ids` and
+/// `topk_weights` (`[N, K]`), each token's experts in descending `c`.
+///
+/// The arithmetic is [`moe_kernels::routing`]'s (an `exp` of IEEE adds and multiplies
+/// only), which the GPU's `router_grouped` kernel shares: both give the same bits.
 ///
 /// Fails, without writing, when the settings do not fit `E` and `K`
 /// ([`GroupedRouting::check`]), `bias` is not `[E]`, or the slices do not hold whole
@@ -122,13 +127,13 @@ pub fn route_grouped(
     bias: &[f32],
     num_experts: usize,
     top_k: usize,
-    routing: &GroupedRouting,
+    grouped: &GroupedRouting,
     norm_topk_prob: bool,
     topk_ids: &mut [i32],
     topk_weights: &mut [f32],
 ) -> Result<()> {
     check_slices(logits, num_experts, top_k, topk_ids, topk_weights)?;
-    routing.check(num_experts, top_k)?;
+    grouped.check(num_experts, top_k)?;
     if bias.len() != num_experts {
         return Err(ExpertsError::Shape {
             tensor: "e_score_correction_bias",
@@ -136,50 +141,36 @@ pub fn route_grouped(
             expected: format!("{num_experts} values, one per expert"),
         });
     }
-    let group_size = num_experts / routing.n_group;
+    let group_size = num_experts / grouped.n_group;
     let mut scores = vec![0f32; num_experts];
     let mut choice = vec![0f32; num_experts];
-    let mut group_scores = vec![0f32; routing.n_group];
-    let mut in_chosen_group = vec![false; routing.n_group];
+    let mut group_scores = vec![0f32; grouped.n_group];
+    let mut in_chosen_group = vec![false; grouped.n_group];
     for ((logits, ids), weights) in logits
         .chunks_exact(num_experts)
         .zip(topk_ids.chunks_exact_mut(top_k))
         .zip(topk_weights.chunks_exact_mut(top_k))
     {
         for e in 0..num_experts {
-            scores[e] = 1.0 / (1.0 + (-logits[e]).exp());
-            choice[e] = scores[e] + bias[e];
+            scores[e] = routing::sigmoid(logits[e]);
+            choice[e] = routing::choice_score(scores[e], bias[e]);
         }
         for (group, score) in group_scores.iter_mut().enumerate() {
-            let members = &choice[group * group_size..][..group_size];
-            let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-            for &c in members {
-                if c > first {
-                    (first, second) = (c, first);
-                } else if c > second {
-                    second = c;
-                }
-            }
-            *score = first + second;
+            *score = routing::group_score(&choice[group * group_size..][..group_size]);
         }
         in_chosen_group.fill(false);
-        for _ in 0..routing.topk_group {
+        for _ in 0..grouped.topk_group {
             let best = best_unchosen(&group_scores, |g| in_chosen_group[g]);
             in_chosen_group[best] = true;
         }
-        let mut total = 0.0;
         for k in 0..top_k {
             let taken =
                 |e: usize| !in_chosen_group[e / group_size] || ids[..k].contains(&(e as i32));
             let best = best_unchosen(&choice, taken);
             ids[k] = best as i32;
             weights[k] = scores[best];
-            total += weights[k];
         }
-        let denominator = if norm_topk_prob { total + 1e-20 } else { 1.0 };
-        for w in weights.iter_mut() {
-            *w = *w / denominator * routing.routed_scaling_factor;
-        }
+        routing::finish_weights(weights, norm_topk_prob, grouped.routed_scaling_factor);
     }
     Ok(())
 }

@@ -334,8 +334,9 @@ impl MoeWeights {
 
     /// Weights of the given sizes made from a 64 Ki-element random pattern repeated,
     /// each tensor starting at a different offset: non-zero, varied values at the cost
-    /// of a copy, for benchmarks of full-size layers (whose time does not depend on the
-    /// values, but must not be measured on zeros). Fails as [`Self::random`] does.
+    /// of a copy, for benchmarks of full-size layers (whose time depends on the values
+    /// only through the routing, and must not be measured on zeros). Fails as
+    /// [`Self::random`] does.
     pub fn repeating(config: &MoeConfig, seed: u64) -> Result<Self> {
         const PATTERN: usize = 1 << 16;
         let sample = MoeConfig {
@@ -373,7 +374,13 @@ impl MoeWeights {
             gate_proj: tile(gate, 101)?,
             up_proj: tile(up, 202)?,
             down_proj: tile(down, 303)?,
-            router_bias: small.router_bias,
+            // A sixteenth of `random`'s correction: a trained router's is small beside
+            // its scores' spread (it only balances the load), and one as large as
+            // `random`'s sends most tokens to the same few experts, which would flatter
+            // a block's time.
+            router_bias: small
+                .router_bias
+                .map(|bias| bias.iter().map(|b| b / 16.0).collect()),
             shared: small.shared,
         })
     }

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use half::bf16;
-use moe_experts::cuda::{router_topk, silu_mul};
+use moe_experts::cuda::{add_bf16, router_grouped, router_topk, silu_mul};
 use moe_experts::{
-    CpuMoeBlock, CudaMoeBlock, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Routing,
-    SharedWorkspace,
+    CpuMoeBlock, CudaMoeBlock, ExpertsError, ExpertsKind, GroupedRouting, MoeConfig, MoeWeights,
+    Routing, SharedWorkspace,
 };
 use moe_runtime::cuda::{
     self, CudaDevice, CudaStream, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows,
@@ -75,6 +75,21 @@ fn configs() -> Vec<MoeConfig> {
             norm_topk_prob: false,
             routing: Routing::Softmax,
             shared_intermediate_size: 0,
+        },
+        // DeepSeek-V3's design at a small size: grouped routing with a score
+        // correction, and a shared expert.
+        MoeConfig {
+            hidden_size: 192,
+            intermediate_size: 64,
+            num_experts: 64,
+            top_k: 6,
+            norm_topk_prob: true,
+            routing: Routing::Grouped(GroupedRouting {
+                n_group: 8,
+                topk_group: 3,
+                routed_scaling_factor: 2.5,
+            }),
+            shared_intermediate_size: 128,
         },
     ]
 }
@@ -281,5 +296,142 @@ fn the_router_and_activation_kernels_match_the_cpu() {
                 "{got} vs {want}"
             );
         }
+    }
+}
+
+/// Random f32 values in `[0, 1)`, from a seed.
+fn units(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+#[test]
+fn the_grouped_router_gives_the_cpu_routers_bits() {
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
+    let mut unit = units(0x5eed_f6a0_u64);
+    // DeepSeek-V3 (256 experts in 8 groups, 4 kept, top-8), Kimi-K2's 384 in one
+    // group, the kernel's limits, and small odd shapes.
+    for (tokens, e, n_group, topk_group, k, norm, coarse) in [
+        (1, 256, 8, 4, 8, true, false),
+        (1000, 256, 8, 4, 8, true, false),
+        (333, 256, 8, 4, 8, false, true),
+        (64, 384, 1, 1, 8, true, false),
+        (50, 1024, 32, 7, 32, true, true),
+        (200, 12, 3, 2, 5, true, true),
+        (9, 2, 1, 1, 2, false, false),
+    ] {
+        let routing = GroupedRouting {
+            n_group,
+            topk_group,
+            routed_scaling_factor: 2.5,
+        };
+        // Logits on a coarse grid make scores tie within and across groups.
+        let mut logits: Vec<f32> = (0..tokens * e)
+            .map(|_| {
+                let x = unit() * 16.0 - 8.0;
+                if coarse { (x * 2.0).round() / 2.0 } else { x }
+            })
+            .collect();
+        if tokens > 3 {
+            // A token whose logits are not all numbers (a NaN from a broken layer).
+            logits[2 * e] = f32::NAN;
+            logits[2 * e + 1] = f32::INFINITY;
+            logits[2 * e + 2] = f32::NEG_INFINITY;
+        }
+        let bias: Vec<f32> = (0..e).map(|_| (unit() - 0.5) * 0.2).collect();
+        let (mut ids, mut weights) = (vec![0i32; tokens * k], vec![0f32; tokens * k]);
+        moe_experts::route_grouped(&logits, &bias, e, k, &routing, norm, &mut ids, &mut weights)
+            .unwrap();
+        let d_logits = DeviceBuffer::from_host(&device, &logits).unwrap();
+        let d_bias = DeviceBuffer::from_host(&device, &bias).unwrap();
+        let mut d_ids = DeviceBuffer::<i32>::zeros(&device, tokens * k).unwrap();
+        let mut d_weights = DeviceBuffer::<f32>::zeros(&device, tokens * k).unwrap();
+        router_grouped(
+            &stream,
+            d_logits.view(),
+            d_bias.view(),
+            e,
+            k,
+            &routing,
+            norm,
+            d_ids.view_mut(),
+            d_weights.view_mut(),
+        )
+        .unwrap();
+        let what = format!("E{e} groups {n_group}/{topk_group} K{k} norm {norm}");
+        assert_eq!(d_ids.view().to_host(&stream).unwrap(), ids, "{what}");
+        // The bits, except that a NaN is any NaN (the GPU writes its canonical one).
+        let bits = |w: &f32| if w.is_nan() { u32::MAX } else { w.to_bits() };
+        let got: Vec<u32> = d_weights
+            .view()
+            .to_host(&stream)
+            .unwrap()
+            .iter()
+            .map(bits)
+            .collect();
+        let want: Vec<u32> = weights.iter().map(bits).collect();
+        assert_eq!(got, want, "{what}");
+        eprintln!("{what}: {tokens} tokens, ids and weights bit for bit");
+    }
+    // Settings the kernel cannot take are refused before launch.
+    let d_logits = DeviceBuffer::<f32>::zeros(&device, 64).unwrap();
+    let d_bias = DeviceBuffer::<f32>::zeros(&device, 64).unwrap();
+    let mut d_ids = DeviceBuffer::<i32>::zeros(&device, 8).unwrap();
+    let mut d_weights = DeviceBuffer::<f32>::zeros(&device, 8).unwrap();
+    for (n_group, topk_group, k, bias_len) in
+        [(64, 1, 1, 64), (8, 9, 1, 64), (8, 1, 9, 64), (8, 2, 2, 63)]
+    {
+        let routing = GroupedRouting {
+            n_group,
+            topk_group,
+            routed_scaling_factor: 1.0,
+        };
+        let error = router_grouped(
+            &stream,
+            d_logits.view(),
+            d_bias.view().prefix(bias_len),
+            64,
+            k,
+            &routing,
+            true,
+            d_ids.view_mut(),
+            d_weights.view_mut(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(error, ExpertsError::Config(_) | ExpertsError::Shape { .. }),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn two_bf16_tensors_add_with_one_rounding() {
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
+    let mut unit = units(77);
+    let len = 100_003;
+    let a: Vec<bf16> = (0..len)
+        .map(|_| bf16::from_f32(unit() * 8.0 - 4.0))
+        .collect();
+    let b: Vec<bf16> = (0..len)
+        .map(|_| bf16::from_f32(unit() * 8.0 - 4.0))
+        .collect();
+    let d_a = DeviceBuffer::from_host(&device, &a).unwrap();
+    let mut d_b = DeviceBuffer::from_host(&device, &b).unwrap();
+    add_bf16(&stream, d_a.view(), d_b.view_mut()).unwrap();
+    let got = d_b.view().to_host(&stream).unwrap();
+    for ((g, a), b) in got.iter().zip(&a).zip(&b) {
+        assert_eq!(*g, bf16::from_f32(a.to_f32() + b.to_f32()), "{a} + {b}");
     }
 }

@@ -116,6 +116,8 @@ kernels! {
     UnpermuteBf16V1 => "unpermute_bf16_v1", Unpermute;
     RouterTopk => "router_topk", Router;
     SiluMulBf16 => "silu_mul_bf16", SiluMul;
+    RouterGrouped => "router_grouped", GroupedRouter;
+    AddBf16 => "add_bf16", Add;
 }
 
 impl Kernel {

@@ -21,6 +21,7 @@
 mod device;
 pub mod kernels;
 mod params;
+pub mod routing;
 
 pub use params::*;
 

@@ -279,6 +279,54 @@ pub struct RouterParams {
     pub topk_weights: u64,
 }
 
+/// The most expert groups the GPU's grouped router handles (a lane per group).
+pub const ROUTER_MAX_GROUPS: u32 = 32;
+
+/// Arguments of `router_grouped`: DeepSeek-V3-style routing (sigmoid scores, a score
+/// correction for the choice, group-limited top-k), with the arithmetic of
+/// [`crate::routing`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GroupedRouterParams {
+    /// `N`, tokens to route.
+    pub num_tokens: u32,
+    /// `E`, logits per token, at most [`ROUTER_MAX_EXPERTS`].
+    pub num_experts: u32,
+    /// `K`, at most [`ROUTER_MAX_TOP_K`] and the experts of `topk_group` groups.
+    pub top_k: u32,
+    /// Groups of `E / n_group` experts, at most [`ROUTER_MAX_GROUPS`]; each has at
+    /// least two.
+    pub n_group: u32,
+    /// Groups a token chooses its experts in, `1..=n_group`.
+    pub topk_group: u32,
+    /// 1: divide the chosen scores by their sum.
+    pub norm_topk_prob: u32,
+    /// `routed_scaling_factor`'s f32 bits.
+    pub scale_bits: u32,
+    /// Explicit padding before the pointers; 0.
+    pub _pad: u32,
+    /// `[N, E]` f32.
+    pub logits: u64,
+    /// `[E]` f32, `e_score_correction_bias`.
+    pub bias: u64,
+    /// `[N, K]` i32 output.
+    pub topk_ids: u64,
+    /// `[N, K]` f32 output.
+    pub topk_weights: u64,
+}
+
+/// Arguments of `add_bf16`: `out[i] = bf16(out[i] + other[i])` in f32.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AddParams {
+    /// Elements of both buffers.
+    pub len: u64,
+    /// bf16 input.
+    pub other: u64,
+    /// bf16, read and written.
+    pub out: u64,
+}
+
 /// Arguments of `silu_mul_bf16`: `out[r, j] = bf16(SiLU(g) * u)` with
 /// `g = gate_up[r, j]`, `u = gate_up[r, I + j]`, in f32.
 #[repr(C)]
@@ -306,6 +354,8 @@ const _: () = {
     assert!(size_of::<StatusBlock>() == STATUS_BYTES && align_of::<StatusBlock>() == 8);
     assert!(size_of::<RouterParams>() == 40 && align_of::<RouterParams>() == 8);
     assert!(size_of::<SiluMulParams>() == 24 && align_of::<SiluMulParams>() == 8);
+    assert!(size_of::<GroupedRouterParams>() == 64 && align_of::<GroupedRouterParams>() == 8);
+    assert!(size_of::<AddParams>() == 24 && align_of::<AddParams>() == 8);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
     // Per-warp counts are 16-bit: a warp's share of a chunk must fit.
     assert!(ROUTE_CHUNK / ROUTE_WARPS <= u16::MAX as u32);
@@ -324,6 +374,10 @@ pub enum ParamsKind {
     Router,
     /// [`SiluMulParams`].
     SiluMul,
+    /// [`GroupedRouterParams`].
+    GroupedRouter,
+    /// [`AddParams`].
+    Add,
 }
 
 /// A parameter block that crosses to the GPU as a kernel's one argument, by value.
@@ -357,4 +411,12 @@ unsafe impl KernelParams for RouterParams {
 // SAFETY: as above.
 unsafe impl KernelParams for SiluMulParams {
     const KIND: ParamsKind = ParamsKind::SiluMul;
+}
+// SAFETY: as above (`GroupedRouterParams` names its padding).
+unsafe impl KernelParams for GroupedRouterParams {
+    const KIND: ParamsKind = ParamsKind::GroupedRouter;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for AddParams {
+    const KIND: ParamsKind = ParamsKind::Add;
 }

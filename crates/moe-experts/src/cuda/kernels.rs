@@ -3,12 +3,12 @@
 
 use half::bf16;
 use moe_kernels::{
-    ELEMENTWISE_THREADS, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K, ROUTER_THREADS, RouterParams,
-    SiluMulParams,
+    AddParams, ELEMENTWISE_THREADS, GroupedRouterParams, ROUTER_MAX_EXPERTS, ROUTER_MAX_GROUPS,
+    ROUTER_MAX_TOP_K, ROUTER_THREADS, RouterParams, SiluMulParams,
 };
 use moe_runtime::cuda::{self, DeviceView, DeviceViewMut, Grid, Kernel, Stream};
 
-use crate::{ExpertsError, Result};
+use crate::{ExpertsError, GroupedRouting, Result};
 
 fn too_small(tensor: &'static str, len: usize, want: Option<usize>) -> Result<()> {
     if want.is_none_or(|want| len < want) {
@@ -115,6 +115,130 @@ pub fn router_topk(
     // SAFETY: `logits` holds `N*E` f32, the outputs `N*K` each (checked above); the
     // grid is a warp per token; every view is usable on `stream`.
     unsafe { cuda::launch(stream, Kernel::RouterTopk, grid, &params)? };
+    Ok(())
+}
+
+/// Routes each token from its `E` f32 logits (`[N, E]`) as DeepSeek-V3 does, the
+/// function of [`crate::route_grouped`], bit for bit: sigmoid scores, `bias`
+/// (`e_score_correction_bias`, `[E]`) added for the choice only, the `topk_group` best
+/// groups by the sum of their two best, the `K` best experts in them, weighted by
+/// their uncorrected scores (renormalised when `norm_topk_prob`) times
+/// `routed_scaling_factor`. Writes `topk_ids` and `topk_weights` (`[N, K]`), on
+/// `stream`.
+#[allow(clippy::too_many_arguments)]
+pub fn router_grouped(
+    stream: &Stream<'_>,
+    logits: DeviceView<'_, f32>,
+    bias: DeviceView<'_, f32>,
+    num_experts: usize,
+    top_k: usize,
+    routing: &GroupedRouting,
+    norm_topk_prob: bool,
+    topk_ids: DeviceViewMut<'_, i32>,
+    topk_weights: DeviceViewMut<'_, f32>,
+) -> Result<()> {
+    if num_experts == 0
+        || num_experts > ROUTER_MAX_EXPERTS as usize
+        || top_k == 0
+        || top_k > num_experts.min(ROUTER_MAX_TOP_K as usize)
+        || routing.n_group > ROUTER_MAX_GROUPS as usize
+    {
+        return Err(ExpertsError::Config(format!(
+            "the GPU's grouped router takes 1..={ROUTER_MAX_EXPERTS} experts in at most {ROUTER_MAX_GROUPS} groups and top_k in 1..={ROUTER_MAX_TOP_K} (got {num_experts} experts, {} groups, top_k {top_k})",
+            routing.n_group
+        )));
+    }
+    routing.check(num_experts, top_k)?;
+    if bias.len() != num_experts {
+        return Err(ExpertsError::Shape {
+            tensor: "e_score_correction_bias",
+            len: bias.len(),
+            expected: format!("{num_experts} values, one per expert"),
+        });
+    }
+    let tokens = logits.len() / num_experts;
+    too_small("topk_ids", topk_ids.len(), tokens.checked_mul(top_k))?;
+    too_small(
+        "topk_weights",
+        topk_weights.len(),
+        tokens.checked_mul(top_k),
+    )?;
+    check_streams(
+        stream,
+        &[
+            ("logits", logits.stream()),
+            ("e_score_correction_bias", bias.stream()),
+            ("topk_ids", topk_ids.stream()),
+            ("topk_weights", topk_weights.stream()),
+        ],
+    )?;
+    let Ok(num_tokens) = u32::try_from(tokens) else {
+        return Err(ExpertsError::Shape {
+            tensor: "logits",
+            len: logits.len(),
+            expected: "fewer tokens than a grid can cover".into(),
+        });
+    };
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let params = GroupedRouterParams {
+        num_tokens,
+        num_experts: num_experts as u32,
+        top_k: top_k as u32,
+        n_group: routing.n_group as u32,
+        topk_group: routing.topk_group as u32,
+        norm_topk_prob: norm_topk_prob as u32,
+        scale_bits: routing.routed_scaling_factor.to_bits(),
+        _pad: 0,
+        logits: logits.address(),
+        bias: bias.address(),
+        topk_ids: topk_ids.address(),
+        topk_weights: topk_weights.address(),
+    };
+    let grid = Grid {
+        blocks: num_tokens.div_ceil(ROUTER_THREADS / 32),
+        threads: ROUTER_THREADS,
+    };
+    // SAFETY: `logits` holds `N*E` f32, `bias` `E`, the outputs `N*K` each (checked
+    // above); the settings are within the kernel's limits (checked above and by
+    // `GroupedRouting::check`); a warp per token; every view is usable on `stream`.
+    unsafe { cuda::launch(stream, Kernel::RouterGrouped, grid, &params)? };
+    Ok(())
+}
+
+/// `out[i] = bf16(out[i] + other[i])` over `other`'s length (at most `out`'s), in f32
+/// with one rounding, on `stream`: two bf16 tensors added.
+pub fn add_bf16(
+    stream: &Stream<'_>,
+    other: DeviceView<'_, bf16>,
+    out: DeviceViewMut<'_, bf16>,
+) -> Result<()> {
+    too_small("out", out.len(), Some(other.len()))?;
+    check_streams(stream, &[("other", other.stream()), ("out", out.stream())])?;
+    let len = other.len() as u64;
+    let Ok(blocks) = u32::try_from(len.div_ceil(ELEMENTWISE_THREADS as u64)) else {
+        return Err(ExpertsError::Shape {
+            tensor: "out",
+            len: out.len(),
+            expected: "fewer elements than a grid can cover".into(),
+        });
+    };
+    if blocks == 0 {
+        return Ok(());
+    }
+    let params = AddParams {
+        len,
+        other: other.address(),
+        out: out.address(),
+    };
+    let grid = Grid {
+        blocks,
+        threads: ELEMENTWISE_THREADS,
+    };
+    // SAFETY: both buffers hold `len` bf16 (checked above); a thread per element;
+    // every view is usable on `stream`.
+    unsafe { cuda::launch(stream, Kernel::AddBf16, grid, &params)? };
     Ok(())
 }
 

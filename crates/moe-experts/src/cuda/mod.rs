@@ -1,5 +1,6 @@
 //! The MoE block on a CUDA device: cuBLAS for the GEMMs, the project's kernels for
-//! everything else.
+//! everything else (the router, softmax or DeepSeek-V3's grouped one, the activation,
+//! permute, unpermute, and the shared expert's add).
 //!
 //! One step waits on the host: the grouped GEMMs need each expert's row count to
 //! issue one cuBLAS GEMM per expert, so `expert_first_token_offset` (`L + 1` values) is
@@ -23,7 +24,7 @@ use moe_runtime::size::product;
 use moe_runtime::{DType, ScratchConfig};
 
 pub use blas::{Blas, GemmOutput};
-pub use kernels::{copy_device, router_topk, silu_mul};
+pub use kernels::{add_bf16, copy_device, router_grouped, router_topk, silu_mul};
 
 use crate::shared::{ScratchGuard, ScratchSource, SharedWorkspace};
 use crate::{BlockOutput, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Result, Routing};
@@ -49,6 +50,10 @@ struct Activations {
     act: DeviceBuffer<bf16>,
     expert_out: DeviceBuffer<bf16>,
     out: DeviceBuffer<bf16>,
+    /// The shared expert's `[N, 2I_s]`, `[N, I_s]` and `[N, H]` (empty without one).
+    shared_gate_up: DeviceBuffer<bf16>,
+    shared_act: DeviceBuffer<bf16>,
+    shared_out: DeviceBuffer<bf16>,
 }
 
 impl Activations {
@@ -64,6 +69,11 @@ impl Activations {
         let len = |quantity, factors: &[usize]| product(quantity, factors);
         let entries = len("activation entries (N * K)", &[tokens, k])?;
         let rows = len("permuted activations (N * K * H)", &[entries, h])?;
+        let (s, shared) = (
+            config.shared_intermediate_size,
+            config.shared_intermediate_size > 0,
+        );
+        let shared_rows = if shared { tokens } else { 0 };
         Ok(Self {
             tokens,
             hidden: zeros(device, len("hidden states (N * H)", &[tokens, h])?)?,
@@ -78,6 +88,21 @@ impl Activations {
             act: zeros(device, len("activations (N * K * I)", &[entries, i])?)?,
             expert_out: zeros(device, rows)?,
             out: zeros(device, len("block output (N * H)", &[tokens, h])?)?,
+            shared_gate_up: zeros(
+                device,
+                len(
+                    "shared gate/up activations (N * 2I_s)",
+                    &[shared_rows, 2, s],
+                )?,
+            )?,
+            shared_act: zeros(
+                device,
+                len("shared activations (N * I_s)", &[shared_rows, s])?,
+            )?,
+            shared_out: zeros(
+                device,
+                len("shared expert output (N * H)", &[shared_rows, h])?,
+            )?,
         })
     }
 }
@@ -94,6 +119,10 @@ pub struct CudaMoeBlock {
     gate_up: DeviceBuffer<bf16>,
     /// `[E, H, I]`.
     down: DeviceBuffer<bf16>,
+    /// DeepSeek-V3's `e_score_correction_bias` `[E]`, for grouped routing.
+    router_bias: Option<DeviceBuffer<f32>>,
+    /// The shared expert: `[2I_s, H]` (gate rows, then up rows) and `[H, I_s]`.
+    shared: Option<(DeviceBuffer<bf16>, DeviceBuffer<bf16>)>,
     source: ScratchSource,
     activations: Option<Activations>,
 }
@@ -111,13 +140,6 @@ impl CudaMoeBlock {
         max_num_tokens: usize,
     ) -> Result<Self> {
         weights.check(&config)?;
-        if config.routing != Routing::Softmax || config.shared_intermediate_size > 0 {
-            return Err(ExpertsError::Unsupported {
-                backend: "CudaMoeBlock",
-                device: device.device(),
-                reason: "DeepSeek-V3 routing and shared experts run on the CPU block only, so far",
-            });
-        }
         let same_device = workspace
             .lock()
             .cuda_device()
@@ -155,7 +177,23 @@ impl CudaMoeBlock {
             gate_up.extend_from_slice(&weights.gate_proj[expert * i * h..][..i * h]);
             gate_up.extend_from_slice(&weights.up_proj[expert * i * h..][..i * h]);
         }
+        let router_bias = match &weights.router_bias {
+            Some(bias) => Some(DeviceBuffer::from_host(&device, bias)?),
+            None => None,
+        };
+        let shared = match &weights.shared {
+            Some(shared) => {
+                let gate_up = [&shared.gate_proj[..], &shared.up_proj[..]].concat();
+                Some((
+                    DeviceBuffer::from_host(&device, &gate_up)?,
+                    DeviceBuffer::from_host(&device, &shared.down_proj)?,
+                ))
+            }
+            None => None,
+        };
         Ok(Self {
+            router_bias,
+            shared,
             router: DeviceBuffer::from_host(&device, &weights.router)?,
             gate_up: DeviceBuffer::from_host(&device, &gate_up)?,
             down: DeviceBuffer::from_host(&device, &weights.down_proj)?,
@@ -303,15 +341,31 @@ impl CudaMoeBlock {
             self.router.view(),
             activations.logits.view_mut().prefix(tokens * e),
         )?;
-        router_topk(
-            stream,
-            activations.logits.view().prefix(tokens * e),
-            e,
-            k,
-            self.config.norm_topk_prob,
-            activations.topk_ids.view_mut().prefix(entries),
-            activations.topk_weights.view_mut().prefix(entries),
-        )?;
+        let logits = activations.logits.view().prefix(tokens * e);
+        let norm = self.config.norm_topk_prob;
+        let topk_ids = activations.topk_ids.view_mut().prefix(entries);
+        let topk_weights = activations.topk_weights.view_mut().prefix(entries);
+        match (&self.config.routing, &self.router_bias) {
+            (Routing::Softmax, _) => {
+                router_topk(stream, logits, e, k, norm, topk_ids, topk_weights)?
+            }
+            (Routing::Grouped(grouped), Some(bias)) => router_grouped(
+                stream,
+                logits,
+                bias.view(),
+                e,
+                k,
+                grouped,
+                norm,
+                topk_ids,
+                topk_weights,
+            )?,
+            (Routing::Grouped(_), None) => {
+                return Err(ExpertsError::Config(
+                    "grouped routing needs e_score_correction_bias".into(),
+                ));
+            }
+        }
 
         // Permute, into the backend's own buffer or the scratch's.
         let mut scratch = self.source.get(tokens)?;
@@ -399,6 +453,39 @@ impl CudaMoeBlock {
         };
         let out = DeviceRowsMut::new(activations.out.view_mut().prefix(tokens * h), h)?;
         cuda::unpermute_into(stream, &combine, out)?;
+
+        // The shared expert, on every token, added as two bf16 tensors add.
+        if let Some((gate_up, down)) = &self.shared {
+            let s = self.config.shared_intermediate_size;
+            let hidden = activations.hidden.view().prefix(tokens * h);
+            let shared_gate_up = activations.shared_gate_up.view_mut().prefix(tokens * 2 * s);
+            self.blas.matmul_nt(
+                stream,
+                (tokens, 2 * s, h),
+                hidden,
+                gate_up.view(),
+                shared_gate_up,
+            )?;
+            silu_mul(
+                stream,
+                activations.shared_gate_up.view().prefix(tokens * 2 * s),
+                tokens,
+                s,
+                activations.shared_act.view_mut().prefix(tokens * s),
+            )?;
+            self.blas.matmul_nt(
+                stream,
+                (tokens, h, s),
+                activations.shared_act.view().prefix(tokens * s),
+                down.view(),
+                activations.shared_out.view_mut().prefix(tokens * h),
+            )?;
+            add_bf16(
+                stream,
+                activations.shared_out.view().prefix(tokens * h),
+                activations.out.view_mut().prefix(tokens * h),
+            )?;
+        }
         Ok(())
     }
 }

@@ -2,8 +2,10 @@
 
 use super::intrinsics::*;
 use crate::params::{
-    ELEMENTWISE_THREADS, ROUTER_MAX_EXPERTS, ROUTER_THREADS, RouterParams, SiluMulParams,
+    AddParams, ELEMENTWISE_THREADS, GroupedRouterParams, ROUTER_MAX_EXPERTS, ROUTER_THREADS,
+    RouterParams, SiluMulParams,
 };
+use crate::routing;
 
 /// `e^x` from the special-function unit: `2^(x log2 e)` (about 2 ulp).
 #[inline(always)]
@@ -43,6 +45,27 @@ fn warp_max(value: f32) -> f32 {
         mask /= 2;
     }
     v
+}
+
+/// The warp's best `(value, index)` (the larger value, the lower index among equals;
+/// `u32::MAX` marks a lane with no candidate), on every lane.
+fn warp_best(value: f32, index: u32) -> (f32, u32) {
+    let (mut best_value, mut best) = (value, index);
+    let mut mask = 16;
+    while mask > 0 {
+        let other_value = f32::from_bits(shfl_xor(best_value.to_bits(), mask));
+        let other = shfl_xor(best, mask);
+        let better = other != u32::MAX
+            && (best == u32::MAX
+                || other_value > best_value
+                || (other_value == best_value && other < best));
+        if better {
+            best_value = other_value;
+            best = other;
+        }
+        mask /= 2;
+    }
+    (best_value, best)
 }
 
 fn warp_sum(value: f32) -> f32 {
@@ -117,20 +140,7 @@ pub(crate) unsafe fn router_topk(p: &RouterParams) {
                 }
                 e += 32;
             }
-            let mut mask = 16;
-            while mask > 0 {
-                let other_value = f32::from_bits(shfl_xor(best_value.to_bits(), mask));
-                let other = shfl_xor(best, mask);
-                let better = other != u32::MAX
-                    && (best == u32::MAX
-                        || other_value > best_value
-                        || (other_value == best_value && other < best));
-                if better {
-                    best_value = other_value;
-                    best = other;
-                }
-                mask /= 2;
-            }
+            let (best_value, best) = warp_best(best_value, best);
             let weight = exp(best_value - max);
             chosen_total += weight;
             if lane() == 0 {
@@ -150,6 +160,127 @@ pub(crate) unsafe fn router_topk(p: &RouterParams) {
             *weights.add(k as usize) /= denominator;
             k += 32;
         }
+    }
+}
+
+/// One warp per token, DeepSeek-V3's routing: each expert's choice score (its
+/// sigmoid score plus its correction) into shared memory; a lane per group scores the
+/// group by its two best; `topk_group` warp-wide argmaxes choose the groups, `K` more
+/// the experts among them (a tie goes to the lower group or expert id); lane 0 turns
+/// the chosen experts' scores into weights. Every value comes from the functions of
+/// [`crate::routing`] in the CPU router's order, so both give the same bits.
+///
+/// # Safety
+/// Launched with `ceil(N / 4)` blocks of [`ROUTER_THREADS`]; `E <= ROUTER_MAX_EXPERTS`,
+/// `n_group <= ROUTER_MAX_GROUPS` dividing `E` into groups of at least 2, `topk_group`
+/// in `1..=n_group`, `K <= min(ROUTER_MAX_TOP_K, topk_group * E / n_group)`; buffers
+/// sized by the host.
+#[inline(always)]
+pub(crate) unsafe fn router_grouped(p: &GroupedRouterParams) {
+    const WARPS: u32 = ROUTER_THREADS / 32;
+    const WORDS: u32 = ROUTER_MAX_EXPERTS / 32;
+    let token = block() * WARPS + warp();
+    if token >= p.num_tokens {
+        return;
+    }
+    let experts = p.num_experts;
+    let group_size = experts / p.n_group;
+    // Per warp: `E` choice scores, then the chosen-expert bitmask.
+    let choice = route_shared()
+        .cast::<f32>()
+        .wrapping_add((warp() * ROUTER_MAX_EXPERTS) as usize);
+    let chosen = route_shared()
+        .cast::<u32>()
+        .wrapping_add((WARPS * ROUTER_MAX_EXPERTS + warp() * WORDS) as usize);
+    // SAFETY: `token < N`; experts below `E <= ROUTER_MAX_EXPERTS`; groups below
+    // `n_group`, each `group_size` scores inside this warp's `E`; chosen words below
+    // `WORDS`; outputs `K` per token.
+    unsafe {
+        let logits = (p.logits as *const f32).add((token * experts) as usize);
+        let bias = p.bias as *const f32;
+        let mut word = lane();
+        while word < WORDS {
+            *chosen.add(word as usize) = 0;
+            word += 32;
+        }
+        let mut e = lane();
+        while e < experts {
+            let score = routing::sigmoid(*logits.add(e as usize));
+            *choice.add(e as usize) = routing::choice_score(score, *bias.add(e as usize));
+            e += 32;
+        }
+        sync_warp();
+
+        // The groups: lane g holds group g's score until it is chosen.
+        let mut group = if lane() < p.n_group { lane() } else { u32::MAX };
+        let group_score = if group != u32::MAX {
+            let members = core::slice::from_raw_parts(
+                choice.add((group * group_size) as usize),
+                group_size as usize,
+            );
+            routing::group_score(members)
+        } else {
+            f32::NEG_INFINITY
+        };
+        let mut groups = 0u32;
+        for _ in 0..p.topk_group {
+            let (_, best) = warp_best(group_score, group);
+            groups |= 1 << best;
+            if group == best {
+                group = u32::MAX;
+            }
+        }
+
+        let ids = (p.topk_ids as *mut i32).add((token * p.top_k) as usize);
+        let weights = (p.topk_weights as *mut f32).add((token * p.top_k) as usize);
+        for k in 0..p.top_k {
+            // This lane's best unchosen expert of a chosen group, then the warp's.
+            let mut best_value = f32::NEG_INFINITY;
+            let mut best = u32::MAX;
+            let mut e = lane();
+            while e < experts {
+                let allowed = groups & (1 << (e / group_size)) != 0
+                    && *chosen.add((e / 32) as usize) & (1 << (e % 32)) == 0;
+                let value = *choice.add(e as usize);
+                if allowed && (best == u32::MAX || value > best_value) {
+                    best_value = value;
+                    best = e;
+                }
+                e += 32;
+            }
+            let (_, best) = warp_best(best_value, best);
+            if lane() == 0 {
+                *chosen.add((best / 32) as usize) |= 1 << (best % 32);
+                *ids.add(k as usize) = best as i32;
+                // The uncorrected score: the weight ignores the correction.
+                *weights.add(k as usize) = routing::sigmoid(*logits.add(best as usize));
+            }
+            sync_warp();
+        }
+        if lane() == 0 {
+            let weights = core::slice::from_raw_parts_mut(weights, p.top_k as usize);
+            routing::finish_weights(weights, p.norm_topk_prob != 0, f32::from_bits(p.scale_bits));
+        }
+    }
+}
+
+/// `out[i] = bf16(out[i] + other[i])`, in f32 with one rounding, one thread per
+/// element: two bf16 tensors added (the shared expert's output to the routed one).
+///
+/// # Safety
+/// Launched with `ceil(len / ELEMENTWISE_THREADS)` blocks; buffers sized by the host.
+#[inline(always)]
+pub(crate) unsafe fn add_bf16(p: &AddParams) {
+    let index = block() as u64 * ELEMENTWISE_THREADS as u64 + thread() as u64;
+    if index >= p.len {
+        return;
+    }
+    // SAFETY: `index < len`: inside both buffers.
+    unsafe {
+        let out = (p.out as *mut u16).add(index as usize);
+        let a = f32::from_bits((*out as u32) << 16);
+        let b = f32::from_bits((*(p.other as *const u16).add(index as usize) as u32) << 16);
+        *out = f32_to_bf16(a + b);
     }
 }
 

@@ -10,7 +10,10 @@ mod route;
 mod rows;
 mod status;
 
-use crate::params::{PermuteRowsParams, RouteParams, RouterParams, SiluMulParams, UnpermuteParams};
+use crate::params::{
+    AddParams, GroupedRouterParams, PermuteRowsParams, RouteParams, RouterParams, SiluMulParams,
+    UnpermuteParams,
+};
 use rows::{BF16, F16, F32, V16};
 
 #[panic_handler]
@@ -56,4 +59,6 @@ kernels! {
     unpermute_bf16_v1(p: UnpermuteParams) => rows::unpermute::<BF16, 1, false>(p);
     router_topk(p: RouterParams) => block::router_topk(p);
     silu_mul_bf16(p: SiluMulParams) => block::silu_mul_bf16(p);
+    router_grouped(p: GroupedRouterParams) => block::router_grouped(p);
+    add_bf16(p: AddParams) => block::add_bf16(p);
 }
