@@ -3,12 +3,12 @@
 use std::time::Instant;
 
 use half::bf16;
-use moe_experts::{CpuMoeBlock, ExpertsKind, MoeConfig, MoeWeights, Routing, SharedWorkspace};
+use moe_experts::{CpuMoeBlock, ExpertsKind, MoeWeights, SharedWorkspace};
 use moe_runtime::cpu::{self, PermuteInput, UnpermuteInput};
 use moe_runtime::{DType, Device, PermuteScratch, Rows, ScratchConfig, TopkIds};
 use rayon::prelude::*;
 
-use super::{Progress, Report, Row, Shape, median};
+use super::{Progress, Report, Row, Shape, block_weight_bytes, median};
 
 /// Random routing and data: each token picks `K` distinct experts uniformly.
 pub(crate) struct Inputs {
@@ -151,15 +151,7 @@ pub(crate) fn run(
             }
             continue;
         }
-        let config = MoeConfig {
-            hidden_size: shape.hidden,
-            intermediate_size: shape.intermediate,
-            num_experts: shape.experts,
-            top_k: shape.topk,
-            norm_topk_prob: true,
-            routing: Routing::Softmax,
-            shared_intermediate_size: 0,
-        };
+        let config = shape.block_config();
         let weights = MoeWeights::repeating(&config, 7)?;
         let max_tokens = block_tokens.iter().copied().max().unwrap_or(1);
         let mut block = CpuMoeBlock::new(
@@ -184,7 +176,9 @@ pub(crate) fn run(
                     Ok(())
                 }
             })?;
-            rows.push(Row::new(shape, n, "block", scratch_us, alloc_us));
+            let routed = block.forward(&x.hidden)?;
+            let bytes = block_weight_bytes(block.config(), &routed.topk_ids);
+            rows.push(Row::new(shape, n, "block", scratch_us, alloc_us).with_bytes(bytes));
         }
     }
     Ok(Report {
@@ -192,7 +186,7 @@ pub(crate) fn run(
         card: cpu_name(),
         copy_gb_per_s,
         method: format!(
-            "wall clock, median of 7 samples of >= 20 ms; bf16; {} rayon threads; copy: rayon memcpy of 256 MiB",
+            "wall clock, median of 7 samples of >= 20 ms; bf16; {} rayon threads; block GB/s = weight bytes it must read (router, shared expert, experts chosen) / time; copy: rayon memcpy of 256 MiB",
             rayon::current_num_threads()
         ),
         rows,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, sys};
 use half::bf16;
-use moe_experts::{CudaMoeBlock, ExpertsKind, MoeConfig, MoeWeights, Routing, SharedWorkspace};
+use moe_experts::{CudaMoeBlock, ExpertsKind, MoeWeights, SharedWorkspace};
 use moe_runtime::cuda::{
     self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceRowsMut,
     DeviceTopkIds, DeviceUnpermuteInput, StatusBuffer,
@@ -14,7 +14,7 @@ use moe_runtime::cuda::{
 use moe_runtime::{DType, PermuteScratch, ScratchConfig};
 
 use super::cpu::inputs;
-use super::{Progress, Report, Row, Shape, bytes_moved, median};
+use super::{Progress, Report, Row, Shape, block_weight_bytes, bytes_moved, median};
 
 /// Median over 7 timings of `work` (CUDA events), in microseconds per `calls`.
 fn time_events(
@@ -234,15 +234,7 @@ pub(crate) fn run(
         if block_tokens.is_empty() {
             continue;
         }
-        let config = MoeConfig {
-            hidden_size: shape.hidden,
-            intermediate_size: shape.intermediate,
-            num_experts: shape.experts,
-            top_k: shape.topk,
-            norm_topk_prob: true,
-            routing: Routing::Softmax,
-            shared_intermediate_size: 0,
-        };
+        let config = shape.block_config();
         let max_tokens = block_tokens.iter().copied().max().unwrap_or(1);
         let weights = MoeWeights::repeating(&config, 7)?;
         let workspace = SharedWorkspace::on_cuda_device(device.clone());
@@ -279,7 +271,9 @@ pub(crate) fn run(
             };
             let scratch_us = time_block(false)?;
             let alloc_us = time_block(true)?;
-            rows.push(Row::new(shape, n, "block", scratch_us, alloc_us));
+            let routed = block.forward(&call_stream, &x.hidden)?;
+            let bytes = block_weight_bytes(block.config(), &routed.topk_ids);
+            rows.push(Row::new(shape, n, "block", scratch_us, alloc_us).with_bytes(bytes));
         }
     }
     Ok(Report {
@@ -287,7 +281,7 @@ pub(crate) fn run(
         card,
         copy_gb_per_s,
         method: format!(
-            "bf16; permute/unpermute: median of 7 replays of a CUDA graph of back-to-back calls rotating over input sets that touch >= 3x L2 ({} MiB), eager launches also shown; block: wall clock around one call incl. its host wait, median of 7; copy: 1 GiB device-to-device",
+            "bf16; permute/unpermute: median of 7 replays of a CUDA graph of back-to-back calls rotating over input sets that touch >= 3x L2 ({} MiB), eager launches also shown; block: wall clock around one call incl. its host wait, median of 7, GB/s = weight bytes it must read (router, shared expert, experts chosen) / time; copy: 1 GiB device-to-device",
             l2 >> 20
         ),
         rows,

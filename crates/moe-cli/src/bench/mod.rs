@@ -8,6 +8,7 @@ mod report;
 use std::path::PathBuf;
 
 use anyhow::bail;
+use moe_experts::{GroupedRouting, MoeConfig, Routing};
 use moe_runtime::Device;
 use serde::Serialize;
 
@@ -48,6 +49,27 @@ pub(crate) struct Shape {
     pub(crate) topk: usize,
     /// Each expert's intermediate size, for the block.
     pub(crate) intermediate: usize,
+    /// The block's router: DeepSeek-V3's grouped one, or softmax (`None`).
+    #[serde(skip)]
+    pub(crate) grouped: Option<GroupedRouting>,
+    /// The block's shared expert's intermediate size (0: none).
+    pub(crate) shared_intermediate: usize,
+}
+
+impl Shape {
+    /// The layer the block measurements run: the model's own routing and shared
+    /// expert, renormalised top-k as all three models configure it.
+    pub(crate) fn block_config(&self) -> MoeConfig {
+        MoeConfig {
+            hidden_size: self.hidden,
+            intermediate_size: self.intermediate,
+            num_experts: self.experts,
+            top_k: self.topk,
+            norm_topk_prob: true,
+            routing: self.grouped.map_or(Routing::Softmax, Routing::Grouped),
+            shared_intermediate_size: self.shared_intermediate,
+        }
+    }
 }
 
 pub(crate) const SHAPES: [Shape; 3] = [
@@ -57,6 +79,8 @@ pub(crate) const SHAPES: [Shape; 3] = [
         experts: 8,
         topk: 2,
         intermediate: 14336,
+        grouped: None,
+        shared_intermediate: 0,
     },
     Shape {
         name: "qwen3-30b-a3b",
@@ -64,6 +88,8 @@ pub(crate) const SHAPES: [Shape; 3] = [
         experts: 128,
         topk: 8,
         intermediate: 768,
+        grouped: None,
+        shared_intermediate: 0,
     },
     Shape {
         name: "dsv3",
@@ -71,6 +97,14 @@ pub(crate) const SHAPES: [Shape; 3] = [
         experts: 256,
         topk: 8,
         intermediate: 2048,
+        // DeepSeek-V3's config.json: n_group 8, topk_group 4, routed_scaling_factor
+        // 2.5, one shared expert of moe_intermediate_size.
+        grouped: Some(GroupedRouting {
+            n_group: 8,
+            topk_group: 4,
+            routed_scaling_factor: 2.5,
+        }),
+        shared_intermediate: 2048,
     },
 ];
 
@@ -83,6 +117,25 @@ const CPU_BLOCK_TOKENS: [usize; 2] = [1, 8];
 /// written `K` times, or `K` rows read and one written.
 pub(crate) fn bytes_moved(shape: &Shape, tokens: usize) -> u64 {
     (2 * shape.hidden * (1 + shape.topk) * tokens) as u64
+}
+
+/// Weight bytes a block call must read at least: the router, the shared expert and
+/// every expert some token of `topk_ids` chose (bf16; the score correction is
+/// negligible). The block's "GB/s" is these bytes over its time, and its "% copy bw"
+/// its distance from the weight-read floor (these bytes at the copy bandwidth).
+pub(crate) fn block_weight_bytes(config: &MoeConfig, topk_ids: &[i32]) -> u64 {
+    let mut touched = vec![false; config.num_experts];
+    for &id in topk_ids {
+        if let Some(t) = usize::try_from(id).ok().and_then(|i| touched.get_mut(i)) {
+            *t = true;
+        }
+    }
+    let experts = touched.iter().filter(|&&t| t).count();
+    let h = config.hidden_size;
+    let elements = config.num_experts * h
+        + experts * 3 * h * config.intermediate_size
+        + 3 * h * config.shared_intermediate_size;
+    2 * elements as u64
 }
 
 /// One measured operation.
@@ -100,7 +153,8 @@ pub(crate) struct Row {
     /// GPU: median microseconds per call launched eagerly (no graph), scratch / alloc.
     pub(crate) eager_scratch_us: Option<f64>,
     pub(crate) eager_alloc_us: Option<f64>,
-    /// Bytes the op must move (0 for the block, which is GEMM-bound).
+    /// Bytes the op must move; for the block, the weight bytes it must read
+    /// ([`block_weight_bytes`]).
     pub(crate) bytes: u64,
 }
 
@@ -131,6 +185,12 @@ impl Row {
     }
 
     /// The same, with eager-launch timings beside the graph-replay ones.
+    /// A block row's bytes: the weights its call must read.
+    pub(crate) fn with_bytes(mut self, bytes: u64) -> Self {
+        self.bytes = bytes;
+        self
+    }
+
     pub(crate) fn with_eager(mut self, scratch_us: f64, alloc_us: f64) -> Self {
         self.eager_scratch_us = Some(scratch_us);
         self.eager_alloc_us = Some(alloc_us);
