@@ -6,7 +6,8 @@ use std::process::Command;
 
 use half::bf16;
 use moe_experts::{
-    CpuMoeBlock, ExpertsKind, Layout, MoeConfig, MoeWeights, Routing, SharedWorkspace,
+    CpuMoeBlock, ExpertsKind, GroupedRouting, Layout, MoeConfig, MoeWeights, Routing,
+    SharedWorkspace,
 };
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
@@ -53,37 +54,81 @@ const CONFIG: MoeConfig = MoeConfig {
     shared_intermediate_size: 0,
 };
 
-/// A Qwen-layout checkpoint of random bf16 weights under `model.layers.5`.
-fn write_checkpoint(path: &Path, weights: &MoeWeights) {
-    let layout = Layout::QwenMoe;
-    let (h, i) = (weights.hidden_size, weights.intermediate_size);
+/// The tensors of `weights` in `layout` under `prefix`: `(name, shape, dtype, bytes)`.
+fn layer_tensors(
+    weights: &MoeWeights,
+    layout: Layout,
+    prefix: &str,
+) -> Vec<(String, Vec<usize>, Dtype, Vec<u8>)> {
+    let (h, i, e) = (
+        weights.hidden_size,
+        weights.intermediate_size,
+        weights.num_experts,
+    );
     let bytes = |v: &[bf16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let mut tensors = vec![(
-        layout.router("model.layers.5"),
-        vec![6, h],
+        layout.router(prefix),
+        vec![e, h],
+        Dtype::BF16,
         bytes(&weights.router),
     )];
-    for e in 0..6 {
-        let [g, u, d] = layout.expert("model.layers.5", e);
-        tensors.push((
-            g,
-            vec![i, h],
-            bytes(&weights.gate_proj[e * i * h..][..i * h]),
-        ));
-        tensors.push((u, vec![i, h], bytes(&weights.up_proj[e * i * h..][..i * h])));
-        tensors.push((
-            d,
-            vec![h, i],
-            bytes(&weights.down_proj[e * h * i..][..h * i]),
-        ));
+    for ex in 0..e {
+        let [g, u, d] = layout.expert(prefix, ex);
+        let gate = bytes(&weights.gate_proj[ex * i * h..][..i * h]);
+        let up = bytes(&weights.up_proj[ex * i * h..][..i * h]);
+        let down = bytes(&weights.down_proj[ex * h * i..][..h * i]);
+        tensors.push((g, vec![i, h], Dtype::BF16, gate));
+        tensors.push((u, vec![i, h], Dtype::BF16, up));
+        tensors.push((d, vec![h, i], Dtype::BF16, down));
     }
-    let views = tensors.iter().map(|(n, s, b)| {
-        (
-            n.clone(),
-            TensorView::new(Dtype::BF16, s.clone(), b).unwrap(),
-        )
-    });
+    if let (Some(name), Some(bias)) = (layout.score_correction(prefix), &weights.router_bias) {
+        let data = bias.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push((name, vec![e], Dtype::F32, data));
+    }
+    if let (Some([g, u, d]), Some(shared)) = (layout.shared_expert(prefix), &weights.shared) {
+        let s = shared.intermediate_size;
+        tensors.push((g, vec![s, h], Dtype::BF16, bytes(&shared.gate_proj)));
+        tensors.push((u, vec![s, h], Dtype::BF16, bytes(&shared.up_proj)));
+        tensors.push((d, vec![h, s], Dtype::BF16, bytes(&shared.down_proj)));
+    }
+    tensors
+}
+
+fn serialize(path: &Path, tensors: &[(String, Vec<usize>, Dtype, Vec<u8>)]) {
+    let views = tensors
+        .iter()
+        .map(|(n, s, d, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()));
     safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// A Qwen-layout checkpoint of random bf16 weights under `model.layers.5`.
+fn write_checkpoint(path: &Path, weights: &MoeWeights) {
+    serialize(
+        path,
+        &layer_tensors(weights, Layout::QwenMoe, "model.layers.5"),
+    );
+}
+
+/// A checkpoint directory as people download them: the layer under `model.layers.3`
+/// split over two shards (every other tensor), the index, and `config`.
+fn write_sharded_checkpoint(dir: &Path, weights: &MoeWeights, layout: Layout, config: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let tensors = layer_tensors(weights, layout, "model.layers.3");
+    let mut map = serde_json::Map::new();
+    let names = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    for (shard, name) in names.iter().enumerate() {
+        let part: Vec<_> = tensors.iter().skip(shard).step_by(2).cloned().collect();
+        for (tensor, ..) in &part {
+            map.insert(tensor.clone(), (*name).into());
+        }
+        serialize(&dir.join(name), &part);
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(dir.join(moe_experts::INDEX_FILE), index.to_string()).unwrap();
+    std::fs::write(dir.join("config.json"), config).unwrap();
 }
 
 #[test]
@@ -186,6 +231,99 @@ fn run_writes_the_block_output_and_routing() {
         std::fs::read(dir.join("z.safetensors")).unwrap(),
         std::fs::read(dir.join("y.safetensors")).unwrap()
     );
+}
+
+#[test]
+fn run_reads_a_sharded_directory_in_each_layout() {
+    let dir = temp_dir("sharded");
+    let tokens = 7;
+    let hidden: Vec<bf16> = (0..tokens * 32)
+        .map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 30.0))
+        .collect();
+    let input_bytes: Vec<u8> = hidden.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::BF16, vec![tokens, 32], &input_bytes).unwrap();
+    let input = dir.join("x.safetensors");
+    safetensors::serialize_to_file([("hidden_states", view)], None, &input).unwrap();
+    let deepseek = MoeConfig {
+        norm_topk_prob: true,
+        routing: Routing::Grouped(GroupedRouting {
+            n_group: 3,
+            topk_group: 2,
+            routed_scaling_factor: 2.5,
+        }),
+        shared_intermediate_size: 48,
+        ..CONFIG
+    };
+    let cases = [
+        (
+            Layout::Mixtral,
+            MoeConfig {
+                norm_topk_prob: true,
+                ..CONFIG
+            },
+            r#"{"model_type": "mixtral", "num_local_experts": 6, "num_experts_per_tok": 2}"#,
+        ),
+        (
+            Layout::QwenMoe,
+            CONFIG,
+            r#"{"model_type": "qwen3_moe", "num_experts": 6, "num_experts_per_tok": 2, "norm_topk_prob": false}"#,
+        ),
+        (
+            Layout::DeepSeekV3,
+            deepseek,
+            r#"{"model_type": "deepseek_v3", "n_routed_experts": 6, "num_experts_per_tok": 2, "norm_topk_prob": true, "n_group": 3, "topk_group": 2, "routed_scaling_factor": 2.5, "n_shared_experts": 1, "moe_intermediate_size": 48}"#,
+        ),
+    ];
+    for (layout, config, config_json) in cases {
+        let weights = MoeWeights::random(&config, 23).unwrap();
+        let checkpoint = dir.join(layout.name());
+        write_sharded_checkpoint(&checkpoint, &weights, layout, config_json);
+        let output = dir.join(format!("{}.safetensors", layout.name()));
+        let (ok, stdout, stderr) = moe(&[
+            "run",
+            "--weights",
+            &checkpoint.display().to_string(),
+            "--prefix",
+            "model.layers.3",
+            "--input",
+            &input.display().to_string(),
+            "--output",
+            &output.display().to_string(),
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{layout:?}: {stderr}");
+        assert!(stdout.contains(layout.name()), "{stdout}");
+        let want = CpuMoeBlock::new(
+            config,
+            &weights,
+            ExpertsKind::Grouped,
+            SharedWorkspace::new(),
+            tokens,
+        )
+        .unwrap()
+        .forward(&hidden)
+        .unwrap();
+        let bytes = std::fs::read(&output).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let got: Vec<bf16> = file
+            .tensor("hidden_states")
+            .unwrap()
+            .data()
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(got, want.hidden_states, "{layout:?}");
+        let ids: Vec<i32> = file
+            .tensor("topk_ids")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(ids, want.topk_ids, "{layout:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
