@@ -1,7 +1,7 @@
 """`moe run` (CPU) against transformers' own DeepseekV3MoE on one random layer.
 
 Not part of `cargo test` (it needs torch and transformers): run it where they are,
-from an empty directory, with the path of a built `moe`:
+with the path of a built `moe` (its files go to a temporary directory):
 
     python crates/moe-cli/tests/transformers_deepseek_v3.py target/release/moe
 
@@ -10,11 +10,13 @@ score correction in f32, the shared expert), transformers' config.json and 50 ra
 tokens, runs `moe run`, and prints how many tokens' routing agrees, the relative error
 of the output and the largest routing-weight difference.
 """
-import json, subprocess, sys, torch
+import json, os, subprocess, sys, tempfile, torch
 from safetensors.torch import save_file, load_file
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+moe_binary = os.path.abspath(sys.argv[1])
+os.chdir(tempfile.mkdtemp(prefix="moe-dsv3-"))
 torch.manual_seed(0)
 cfg = DeepseekV3Config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, n_group=4,
                        topk_group=2, num_experts_per_tok=4, n_shared_experts=1,
@@ -44,7 +46,7 @@ save_file({"hidden_states": x}, "x.safetensors")
 with torch.no_grad():
     want = moe(x[None])[0].float()
     _, tw, ti = moe.gate(x)
-r = subprocess.run([sys.argv[1], "run", "--weights", "w.safetensors", "--prefix", "model.layers.3",
+r = subprocess.run([moe_binary, "run", "--weights", "w.safetensors", "--prefix", "model.layers.3",
                     "--input", "x.safetensors", "--output", "y.safetensors", "--device", "cpu"],
                    capture_output=True, text=True)
 print(r.stdout.strip(), r.stderr.strip())
