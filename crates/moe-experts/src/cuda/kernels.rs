@@ -55,6 +55,38 @@ pub(super) fn check_streams(
     }
 }
 
+/// The checks both routers make of a call: `N = len(logits) / E` tokens, `N * K` ids
+/// and weights to write, every view (and `extra`, a router's own input) usable on
+/// `stream`; `N` as a grid's count.
+fn routed_tokens(
+    stream: &Stream<'_>,
+    logits: &DeviceView<'_, f32>,
+    num_experts: usize,
+    top_k: usize,
+    (topk_ids, topk_weights): (&DeviceViewMut<'_, i32>, &DeviceViewMut<'_, f32>),
+    extra: Option<(&'static str, Option<usize>)>,
+) -> Result<u32> {
+    let tokens = logits.len() / num_experts;
+    too_small("topk_ids", topk_ids.len(), tokens.checked_mul(top_k))?;
+    too_small(
+        "topk_weights",
+        topk_weights.len(),
+        tokens.checked_mul(top_k),
+    )?;
+    let views = [
+        ("logits", logits.stream()),
+        ("topk_ids", topk_ids.stream()),
+        ("topk_weights", topk_weights.stream()),
+    ];
+    check_streams(stream, &views)?;
+    check_streams(stream, extra.as_slice())?;
+    u32::try_from(tokens).map_err(|_| ExpertsError::Shape {
+        tensor: "logits",
+        len: logits.len(),
+        expected: "fewer tokens than a grid can cover".into(),
+    })
+}
+
 /// Routes each token from its `E` f32 logits (`[N, E]`): the `K` largest (ties to the
 /// lower id), weighted by softmax probability, renormalised when `norm_topk_prob`.
 /// Writes `topk_ids` and `topk_weights` (`[N, K]`), on `stream`.
@@ -77,28 +109,14 @@ pub fn router_topk(
             ROUTER_MAX_TOP_K
         )));
     }
-    let tokens = logits.len() / num_experts;
-    too_small("topk_ids", topk_ids.len(), tokens.checked_mul(top_k))?;
-    too_small(
-        "topk_weights",
-        topk_weights.len(),
-        tokens.checked_mul(top_k),
-    )?;
-    check_streams(
+    let num_tokens = routed_tokens(
         stream,
-        &[
-            ("logits", logits.stream()),
-            ("topk_ids", topk_ids.stream()),
-            ("topk_weights", topk_weights.stream()),
-        ],
+        &logits,
+        num_experts,
+        top_k,
+        (&topk_ids, &topk_weights),
+        None,
     )?;
-    let Ok(num_tokens) = u32::try_from(tokens) else {
-        return Err(ExpertsError::Shape {
-            tensor: "logits",
-            len: logits.len(),
-            expected: "fewer tokens than a grid can cover".into(),
-        });
-    };
     let params = RouterParams {
         num_tokens,
         num_experts: num_experts as u32,
@@ -156,29 +174,14 @@ pub fn router_grouped(
             expected: format!("{num_experts} values, one per expert"),
         });
     }
-    let tokens = logits.len() / num_experts;
-    too_small("topk_ids", topk_ids.len(), tokens.checked_mul(top_k))?;
-    too_small(
-        "topk_weights",
-        topk_weights.len(),
-        tokens.checked_mul(top_k),
-    )?;
-    check_streams(
+    let num_tokens = routed_tokens(
         stream,
-        &[
-            ("logits", logits.stream()),
-            ("e_score_correction_bias", bias.stream()),
-            ("topk_ids", topk_ids.stream()),
-            ("topk_weights", topk_weights.stream()),
-        ],
+        &logits,
+        num_experts,
+        top_k,
+        (&topk_ids, &topk_weights),
+        Some(("e_score_correction_bias", bias.stream())),
     )?;
-    let Ok(num_tokens) = u32::try_from(tokens) else {
-        return Err(ExpertsError::Shape {
-            tensor: "logits",
-            len: logits.len(),
-            expected: "fewer tokens than a grid can cover".into(),
-        });
-    };
     if num_tokens == 0 {
         return Ok(());
     }
