@@ -23,7 +23,7 @@ use std::marker::PhantomData;
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, sys};
 
 use super::device::{Stream, StreamId, driver_error};
-use crate::{DType, Device, Element, MoeError, Result};
+use crate::{DType, Device, Element, MoeError, Result, ScratchMismatch};
 
 /// What a view may be used with: the stream it is bound to (`None`: any) and the
 /// cudarc event to record after a call used it (`None`: no tracking).
@@ -244,6 +244,49 @@ impl<'a, T: DeviceRepr> DeviceView<'a, T> {
         Ok(host)
     }
 
+    /// Queues a copy of the view into `dst` (the same length) on `stream`, where
+    /// both may be used; no host wait.
+    pub fn copy_into(&self, dst: DeviceViewMut<'_, T>, stream: &Stream<'_>) -> Result<()> {
+        self.binding.check("copy source", stream)?;
+        dst.binding.check("copy destination", stream)?;
+        for (tensor, view) in [
+            ("copy source", self.ordinal),
+            ("copy destination", dst.ordinal),
+        ] {
+            if view != stream.device().ordinal() {
+                return Err(ScratchMismatch::Device {
+                    tensor,
+                    expected: stream.device().device(),
+                    got: Device::Cuda(view),
+                }
+                .into());
+            }
+        }
+        if dst.len != self.len {
+            return Err(MoeError::Shape {
+                tensor: "copy destination",
+                len: dst.len,
+                expected: format!("{} elements, as many as the source", self.len),
+            });
+        }
+        if self.len > 0 {
+            stream.device().bind_to_thread()?;
+            // SAFETY: both views are `len` elements of `T` on the stream's device,
+            // usable on `stream` (checked), and borrowed for the call, so alive.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst.address,
+                    self.address,
+                    self.len * size_of::<T>(),
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(driver_error("copy device memory"))?;
+        }
+        self.binding.record(stream)?;
+        dst.binding.record(stream)
+    }
+
     /// Reinterprets the view as bytes.
     pub(crate) fn bytes(self) -> DeviceView<'a, u8> {
         DeviceView {
@@ -327,6 +370,49 @@ impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
             binding: self.binding,
             _borrow: PhantomData,
         }
+    }
+
+    /// Queues a copy of the view into `dst` (the same length) on `stream`, where
+    /// both may be used; no host wait.
+    pub fn copy_into(&self, dst: DeviceViewMut<'_, T>, stream: &Stream<'_>) -> Result<()> {
+        self.binding.check("copy source", stream)?;
+        dst.binding.check("copy destination", stream)?;
+        for (tensor, view) in [
+            ("copy source", self.ordinal),
+            ("copy destination", dst.ordinal),
+        ] {
+            if view != stream.device().ordinal() {
+                return Err(ScratchMismatch::Device {
+                    tensor,
+                    expected: stream.device().device(),
+                    got: Device::Cuda(view),
+                }
+                .into());
+            }
+        }
+        if dst.len != self.len {
+            return Err(MoeError::Shape {
+                tensor: "copy destination",
+                len: dst.len,
+                expected: format!("{} elements, as many as the source", self.len),
+            });
+        }
+        if self.len > 0 {
+            stream.device().bind_to_thread()?;
+            // SAFETY: both views are `len` elements of `T` on the stream's device,
+            // usable on `stream` (checked), and borrowed for the call, so alive.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst.address,
+                    self.address,
+                    self.len * size_of::<T>(),
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(driver_error("copy device memory"))?;
+        }
+        self.binding.record(stream)?;
+        dst.binding.record(stream)
     }
 
     /// Reinterprets the view as bytes.
@@ -521,7 +607,20 @@ pub enum DeviceExpertIds<'a> {
     I64(DeviceView<'a, i64>),
 }
 
-impl DeviceExpertIds<'_> {
+impl<'a> DeviceExpertIds<'a> {
+    /// u32 ids (candle's top-k index type) read as i32, without a copy: an id of
+    /// `2^31` or more reads as negative and is dropped, as the contract drops any id
+    /// outside `0..E`.
+    pub fn from_u32(ids: DeviceView<'a, u32>) -> Self {
+        DeviceExpertIds::I32(DeviceView {
+            address: ids.address,
+            len: ids.len,
+            ordinal: ids.ordinal,
+            binding: ids.binding,
+            _borrow: PhantomData,
+        })
+    }
+
     /// Number of ids.
     pub fn len(&self) -> usize {
         match self {
