@@ -158,11 +158,15 @@ impl MoeBlock {
         self
     }
 
-    /// Each token's `K` experts and weights (`[N, K]` u32 and f32) from its router
-    /// logits: softmax in the activations' dtype, as candle-transformers' blocks
-    /// compute it, the `K` most probable (ties to the lower id), renormalised when
-    /// asked.
-    fn route(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Each token's `K` experts and weights (`[N, K]` u32 and f32 tensors) from its
+    /// router logits: softmax in the activations' dtype, as candle-transformers'
+    /// blocks compute it, the `K` most probable (ties to the lower id), renormalised
+    /// when asked; and the experts' first rows, counted from the same ids on the host.
+    ///
+    /// The top-k runs on the host, as in candle-transformers' blocks (one wait for the
+    /// device per layer): the host then knows each expert's row count without reading
+    /// permute's offsets back, which the per-expert GEMMs need.
+    fn route(&self, xs: &Tensor) -> Result<Routing> {
         let logits = xs.matmul(&self.gate.t()?)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?
             .to_dtype(DType::F32)?
@@ -170,6 +174,7 @@ impl MoeBlock {
         let k = self.top_k;
         let mut ids = Vec::with_capacity(probs.len() * k);
         let mut weights = Vec::with_capacity(probs.len() * k);
+        let mut first_rows = vec![0usize; self.experts.len() + 1];
         let mut order: Vec<u32> = Vec::new();
         for p in &probs {
             order.clear();
@@ -183,13 +188,31 @@ impl MoeBlock {
                 let w = p[x as usize];
                 if self.norm_topk_prob { w / total } else { w }
             }));
+            for &x in chosen {
+                first_rows[x as usize + 1] += 1;
+            }
+        }
+        for e in 0..self.experts.len() {
+            first_rows[e + 1] += first_rows[e];
         }
         let n = probs.len();
-        Ok((
-            Tensor::from_vec(ids, (n, k), xs.device())?,
-            Tensor::from_vec(weights, (n, k), xs.device())?,
-        ))
+        Ok(Routing {
+            ids: Tensor::from_vec(ids, (n, k), xs.device())?,
+            weights: Tensor::from_vec(weights, (n, k), xs.device())?,
+            first_rows,
+        })
     }
+}
+
+/// A layer's routing: what permute and unpermute take, and what the host knows.
+struct Routing {
+    /// `[N, K]` u32.
+    ids: Tensor,
+    /// `[N, K]` f32.
+    weights: Tensor,
+    /// `[E + 1]`: expert `e`'s permuted rows are `first_rows[e]..first_rows[e + 1]`,
+    /// as permute's `expert_first_token_offset` says on the device.
+    first_rows: Vec<usize>,
 }
 
 impl Module for MoeBlock {
@@ -199,34 +222,34 @@ impl Module for MoeBlock {
         let h = xs.dim(D::Minus1)?;
         let xs = xs.reshape(((), h))?;
         let n = xs.dim(0)?;
-        let (ids, weights) = self.route(&xs)?;
-        let experts = self.experts.len();
-        let key = (n, self.top_k, experts);
-        let routed = self
-            .scratch
-            .with(xs.device(), key, |scratch| permute(scratch, &xs, &ids))?;
-        let offsets = routed.expert_first_token_offset.to_vec1::<i64>()?;
-        let mut outputs = Vec::with_capacity(experts);
-        for (expert, bounds) in self.experts.iter().zip(offsets.windows(2)) {
-            let (first, end) = (bounds[0] as usize, bounds[1] as usize);
-            if end > first {
-                let rows = routed
-                    .permuted_hidden_states
-                    .narrow(0, first, end - first)?;
-                outputs.push(expert.forward(&rows)?);
-            }
-        }
-        let expert_out = if outputs.is_empty() {
-            Tensor::zeros((0, h), xs.dtype(), xs.device())?
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
-        unpermute(
-            &expert_out,
-            &routed.inv_permuted_idx,
-            &routed.expert_first_token_offset,
-            &weights,
-        )?
-        .reshape(shape)
+        let routing = self.route(&xs)?;
+        let key = (n, self.top_k, self.experts.len());
+        self.scratch
+            .with(xs.device(), key, |scratch| {
+                let permuted = permute(scratch, &xs, &routing.ids)?;
+                let mut outputs = Vec::with_capacity(self.experts.len());
+                for (expert, bounds) in self.experts.iter().zip(routing.first_rows.windows(2)) {
+                    let (first, end) = (bounds[0], bounds[1]);
+                    if end > first {
+                        let rows = permuted
+                            .permuted_hidden_states
+                            .narrow(0, first, end - first)?;
+                        outputs.push(expert.forward(&rows)?);
+                    }
+                }
+                let expert_out = if outputs.is_empty() {
+                    Tensor::zeros((0, h), xs.dtype(), xs.device())?
+                } else {
+                    Tensor::cat(&outputs, 0)?
+                };
+                unpermute(
+                    scratch,
+                    &expert_out,
+                    &permuted.inv_permuted_idx,
+                    &permuted.expert_first_token_offset,
+                    &routing.weights,
+                )
+            })?
+            .reshape(shape)
     }
 }

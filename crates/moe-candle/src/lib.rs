@@ -8,8 +8,10 @@
 //! the combined output are written once, straight into them). Errors are
 //! `candle_core::Error`s carrying the runtime's message.
 //!
-//! This release runs on candle's CPU device; a CUDA tensor is refused with an error
-//! saying so (see `docs/candle.md`).
+//! CPU tensors run the runtime's CPU path. With feature `cuda` (and without the
+//! default features: candle links CUDA, so the runtime does too), CUDA tensors run the
+//! project's kernels on the stream of their candle device, without a host wait; see
+//! `docs/candle.md`.
 //!
 //! A model's MoE layer, as candle-transformers' Mixtral loads it (the README's example,
 //! on a small random layer):
@@ -41,6 +43,9 @@
 #![warn(missing_docs)]
 
 mod block;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod ops;
 mod scratch;
 mod tensor;

@@ -20,25 +20,36 @@ pub(crate) fn dims_of<'t>(tensor: &'t Tensor, name: &str, rank: usize) -> Result
     Ok(dims)
 }
 
-/// The elements of a contiguous `layout` in `storage` (a view may start anywhere).
-pub(crate) fn cpu_slice<'s, T: WithDType>(
-    storage: &'s CpuStorage,
+/// The element range `start..end` of a contiguous `layout` in a storage of
+/// `storage_len` elements (a view may start anywhere).
+pub(crate) fn contiguous_range(
     layout: &Layout,
+    storage_len: usize,
     name: &str,
-) -> Result<&'s [T]> {
+) -> Result<(usize, usize)> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         return Err(Error::msg(format!(
             "{name} is not contiguous (strides {:?}); call .contiguous() first",
             layout.stride()
         )));
     };
+    if start > end || end > storage_len {
+        return Err(Error::msg(format!(
+            "{name}'s layout ({start}..{end}) is outside its storage ({storage_len} elements)"
+        )));
+    }
+    Ok((start, end))
+}
+
+/// The elements of a contiguous `layout` in `storage`.
+pub(crate) fn cpu_slice<'s, T: WithDType>(
+    storage: &'s CpuStorage,
+    layout: &Layout,
+    name: &str,
+) -> Result<&'s [T]> {
     let all = storage.as_slice::<T>()?;
-    all.get(start..end).ok_or_else(|| {
-        Error::msg(format!(
-            "{name}'s layout ({start}..{end}) is outside its storage ({} elements)",
-            all.len()
-        ))
-    })
+    let (start, end) = contiguous_range(layout, all.len(), name)?;
+    Ok(&all[start..end])
 }
 
 /// Runs `f` on the CPU elements of `tensor` (dtype `T`, contiguous).

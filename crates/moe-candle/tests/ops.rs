@@ -1,9 +1,11 @@
-//! permute, unpermute and align on candle CPU tensors against references written with
+//! permute, unpermute and align on candle tensors (CPU, and CUDA with feature `cuda`) against references written with
 //! candle's own ops, on random inputs: every row dtype, every id type, views with a
 //! layout offset; and the errors a caller gets for what the ops cannot take.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use moe_candle::{Scratch, align, permute, unpermute};
+
+mod common;
 
 /// xorshift values in `[0, 1)`.
 fn units(seed: u64) -> impl FnMut() -> f32 {
@@ -44,7 +46,12 @@ fn reference_order(ids: &[u32], e: usize) -> Vec<u32> {
 
 #[test]
 fn permute_groups_rows_as_index_select_does_for_every_dtype_and_id_type() {
-    let dev = Device::Cpu;
+    for dev in common::devices() {
+        permute_groups_rows_as_index_select_does_for_every_dtype_and_id_type_on(&dev);
+    }
+}
+
+fn permute_groups_rows_as_index_select_does_for_every_dtype_and_id_type_on(dev: &Device) {
     let (n, k, e, h) = (37, 4, 9, 24);
     let ids = random_ids(n, k, e, 5);
     let order = reference_order(&ids, e);
@@ -52,14 +59,14 @@ fn permute_groups_rows_as_index_select_does_for_every_dtype_and_id_type() {
     let mut unit = units(11);
     // A larger tensor: the call reads a view 3 rows in.
     let big: Vec<f32> = (0..(n + 5) * h).map(|_| unit() * 4.0 - 2.0).collect();
-    let big = Tensor::from_vec(big, (n + 5, h), &dev).unwrap();
-    let mut scratch = Scratch::new(&dev, 64, k, e, None).unwrap();
+    let big = Tensor::from_vec(big, (n + 5, h), dev).unwrap();
+    let mut scratch = Scratch::new(dev, 64, k, e, None).unwrap();
     for dtype in [DType::BF16, DType::F16, DType::F32] {
         let hidden = big.to_dtype(dtype).unwrap().narrow(0, 3, n).unwrap();
         let want = hidden
-            .index_select(&Tensor::new(tokens.as_slice(), &dev).unwrap(), 0)
+            .index_select(&Tensor::new(tokens.as_slice(), dev).unwrap(), 0)
             .unwrap();
-        let ids_u32 = Tensor::from_vec(ids.clone(), (n, k), &dev).unwrap();
+        let ids_u32 = Tensor::from_vec(ids.clone(), (n, k), dev).unwrap();
         for id_type in [DType::U32, DType::I64] {
             let topk_ids = ids_u32.to_dtype(id_type).unwrap();
             let out = permute(&mut scratch, &hidden, &topk_ids).unwrap();
@@ -95,13 +102,13 @@ fn permute_groups_rows_as_index_select_does_for_every_dtype_and_id_type() {
     }
     // i32 ids too.
     let hidden = big.narrow(0, 0, n).unwrap();
-    let topk_ids = Tensor::from_vec(ids.clone(), (n, k), &dev)
+    let topk_ids = Tensor::from_vec(ids.clone(), (n, k), dev)
         .unwrap()
         .to_dtype(DType::I64)
         .unwrap();
     let a = permute(&mut scratch, &hidden, &topk_ids).unwrap();
     let ids_i32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-    let topk_ids = Tensor::from_vec(ids_i32, (n, k), &dev).unwrap();
+    let topk_ids = Tensor::from_vec(ids_i32, (n, k), dev).unwrap();
     let b = permute(&mut scratch, &hidden, &topk_ids).unwrap();
     assert_eq!(
         a.permuted_idx.to_vec1::<i32>().unwrap(),
@@ -111,20 +118,25 @@ fn permute_groups_rows_as_index_select_does_for_every_dtype_and_id_type() {
 
 #[test]
 fn unpermute_is_the_weighted_sum_candle_computes() {
-    let dev = Device::Cpu;
+    for dev in common::devices() {
+        unpermute_is_the_weighted_sum_candle_computes_on(&dev);
+    }
+}
+
+fn unpermute_is_the_weighted_sum_candle_computes_on(dev: &Device) {
     let (n, k, e, h) = (29, 3, 7, 40);
     let ids = random_ids(n, k, e, 8);
     let mut unit = units(21);
     let hidden: Vec<f32> = (0..n * h).map(|_| unit() * 4.0 - 2.0).collect();
     let weights: Vec<f32> = (0..n * k).map(|_| unit()).collect();
-    let weights = Tensor::from_vec(weights, (n, k), &dev).unwrap();
-    let mut scratch = Scratch::new(&dev, n, k, e, None).unwrap();
+    let weights = Tensor::from_vec(weights, (n, k), dev).unwrap();
+    let mut scratch = Scratch::new(dev, n, k, e, None).unwrap();
     for dtype in [DType::BF16, DType::F16, DType::F32] {
-        let hidden = Tensor::from_vec(hidden.clone(), (n, h), &dev)
+        let hidden = Tensor::from_vec(hidden.clone(), (n, h), dev)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let topk_ids = Tensor::from_vec(ids.clone(), (n, k), &dev).unwrap();
+        let topk_ids = Tensor::from_vec(ids.clone(), (n, k), dev).unwrap();
         let routed = permute(&mut scratch, &hidden, &topk_ids).unwrap();
         // "Expert outputs": the permuted rows scaled by their row number, so every row
         // differs.
@@ -134,11 +146,12 @@ fn unpermute_is_the_weighted_sum_candle_computes() {
             .permuted_hidden_states
             .to_dtype(DType::F32)
             .unwrap()
-            .broadcast_mul(&Tensor::from_vec(scale, (rows, 1), &dev).unwrap())
+            .broadcast_mul(&Tensor::from_vec(scale, (rows, 1), dev).unwrap())
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
         let got = unpermute(
+            &scratch,
             &expert_out,
             &routed.inv_permuted_idx,
             &routed.expert_first_token_offset,
@@ -147,12 +160,17 @@ fn unpermute_is_the_weighted_sum_candle_computes() {
         .unwrap();
         assert_eq!((got.dims(), got.dtype()), (&[n, h][..], dtype));
         // The reference: gather each token's K rows, weigh them, sum over K, in f32.
-        let inv = routed
+        // (candle's CUDA backend has no i32 to u32 cast: through the host.)
+        let inv: Vec<u32> = routed
             .inv_permuted_idx
             .flatten_all()
             .unwrap()
-            .to_dtype(DType::U32)
-            .unwrap();
+            .to_vec1::<i32>()
+            .unwrap()
+            .iter()
+            .map(|&r| r as u32)
+            .collect();
+        let inv = Tensor::new(inv.as_slice(), dev).unwrap();
         let want = expert_out
             .to_dtype(DType::F32)
             .unwrap()
@@ -193,17 +211,25 @@ fn unpermute_is_the_weighted_sum_candle_computes() {
 
 #[test]
 fn align_pads_each_expert_group_to_the_block_size() {
-    let dev = Device::Cpu;
+    for dev in common::devices() {
+        align_pads_each_expert_group_to_the_block_size_on(&dev);
+    }
+}
+
+fn align_pads_each_expert_group_to_the_block_size_on(dev: &Device) {
     let (n, k, e, block) = (21, 2, 5, 4);
     let ids = random_ids(n, k, e, 3);
-    let mut scratch = Scratch::new(&dev, n, k, e, Some(block)).unwrap();
-    let topk_ids = Tensor::from_vec(ids.clone(), (n, k), &dev).unwrap();
+    let mut scratch = Scratch::new(dev, n, k, e, Some(block)).unwrap();
+    let topk_ids = Tensor::from_vec(ids.clone(), (n, k), dev).unwrap();
     let out = align(&mut scratch, &topk_ids).unwrap();
     let sorted = out.sorted_ids.to_vec1::<i32>().unwrap();
     let experts = out.block_expert_ids.to_vec1::<i32>().unwrap();
-    assert_eq!(out.num_rows_post_padded % block, 0);
+    let used = out.num_rows_post_padded.to_vec1::<i32>().unwrap()[0] as usize;
+    assert_eq!(out.block_size, block);
+    assert_eq!(used % block, 0);
+    assert!(used >= n * k);
     let mut seen = vec![false; n * k];
-    for (b, chunk) in sorted[..out.num_rows_post_padded].chunks(block).enumerate() {
+    for (b, chunk) in sorted[..used].chunks(block).enumerate() {
         for &entry in chunk {
             if entry as usize == n * k {
                 continue;
@@ -218,13 +244,18 @@ fn align_pads_each_expert_group_to_the_block_size() {
 
 #[test]
 fn what_the_ops_cannot_take_is_an_error_with_the_reason() {
-    let dev = Device::Cpu;
-    let mut scratch = Scratch::new(&dev, 8, 2, 4, None).unwrap();
-    let hidden = Tensor::ones((8, 16), DType::F32, &dev).unwrap();
+    for dev in common::devices() {
+        what_the_ops_cannot_take_is_an_error_with_the_reason_on(&dev);
+    }
+}
+
+fn what_the_ops_cannot_take_is_an_error_with_the_reason_on(dev: &Device) {
+    let mut scratch = Scratch::new(dev, 8, 2, 4, None).unwrap();
+    let hidden = Tensor::ones((8, 16), DType::F32, dev).unwrap();
     let ids = Tensor::from_vec(
         vec![0u32, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3],
         (8, 2),
-        &dev,
+        dev,
     )
     .unwrap();
     let message = |r: candle_core::Result<moe_candle::Permuted>| r.unwrap_err().to_string();
@@ -233,7 +264,7 @@ fn what_the_ops_cannot_take_is_an_error_with_the_reason() {
     for bad in [4u32, 1 << 31, u32::MAX] {
         let mut v: Vec<u32> = (0..16).map(|i| i % 4).collect();
         v[5] = bad;
-        let bad_ids = Tensor::from_vec(v, (8, 2), &dev).unwrap();
+        let bad_ids = Tensor::from_vec(v, (8, 2), dev).unwrap();
         let routed = permute(&mut scratch, &hidden, &bad_ids).unwrap();
         let offsets = routed.expert_first_token_offset.to_vec1::<i64>().unwrap();
         assert_eq!(offsets[4], 15, "{bad}: one entry dropped");
@@ -246,14 +277,11 @@ fn what_the_ops_cannot_take_is_an_error_with_the_reason() {
         assert_eq!(inv[5], 16, "{bad}: the dropped entry's row is N*K");
     }
     // Not contiguous.
-    let t = Tensor::ones((16, 8), DType::F32, &dev)
-        .unwrap()
-        .t()
-        .unwrap();
+    let t = Tensor::ones((16, 8), DType::F32, dev).unwrap().t().unwrap();
     assert!(message(permute(&mut scratch, &t, &ids)).contains("contiguous"));
     // More tokens than the scratch was built for.
-    let many = Tensor::ones((9, 16), DType::F32, &dev).unwrap();
-    let many_ids = Tensor::zeros((9, 2), DType::U32, &dev).unwrap();
+    let many = Tensor::ones((9, 16), DType::F32, dev).unwrap();
+    let many_ids = Tensor::zeros((9, 2), DType::U32, dev).unwrap();
     assert!(permute(&mut scratch, &many, &many_ids).is_err());
     // Rows and ids that disagree on N; ids of a float type; rows of an integer type.
     assert!(permute(&mut scratch, &hidden.i(..7).unwrap(), &ids).is_err());
@@ -263,12 +291,13 @@ fn what_the_ops_cannot_take_is_an_error_with_the_reason() {
     assert!(message(permute(&mut scratch, &int_rows, &ids)).contains("hidden_states"));
     // unpermute with offsets of the wrong type.
     let routed = permute(&mut scratch, &hidden, &ids).unwrap();
-    let weights = Tensor::ones((8, 2), DType::F32, &dev).unwrap();
+    let weights = Tensor::ones((8, 2), DType::F32, dev).unwrap();
     let offsets = routed
         .expert_first_token_offset
         .to_dtype(DType::U32)
         .unwrap();
     let error = unpermute(
+        &scratch,
         &routed.permuted_hidden_states,
         &routed.inv_permuted_idx,
         &offsets,
@@ -279,4 +308,43 @@ fn what_the_ops_cannot_take_is_an_error_with_the_reason() {
         error.to_string().contains("expert_first_token_offset"),
         "{error}"
     );
+    // A negative row index: an error inline on the CPU; on CUDA the device records it
+    // in the scratch's status block, read by check_status, or inline in checked mode,
+    // with the CPU's message.
+    let mut inv = routed
+        .inv_permuted_idx
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i32>()
+        .unwrap();
+    inv[3] = -2;
+    let bad_inv = Tensor::from_vec(inv, (8, 2), dev).unwrap();
+    let call = |scratch: &Scratch, on: &Device| {
+        let to = |t: &Tensor| t.to_device(on).unwrap();
+        unpermute(
+            scratch,
+            &to(&routed.permuted_hidden_states),
+            &to(&bad_inv),
+            &to(&routed.expert_first_token_offset),
+            &to(&weights),
+        )
+    };
+    let cpu_scratch = Scratch::new(&Device::Cpu, 8, 2, 4, None).unwrap();
+    let cpu_error = common::message(&call(&cpu_scratch, &Device::Cpu).unwrap_err());
+    assert!(cpu_error.contains("inv_permuted_idx"), "{cpu_error}");
+    if dev.is_cuda() {
+        call(&scratch, dev).unwrap();
+        let recorded = common::message(&scratch.check_status().unwrap_err());
+        assert_eq!(recorded, cpu_error);
+        scratch.check_status().unwrap();
+        scratch.set_checked(true);
+        assert_eq!(
+            common::message(&call(&scratch, dev).unwrap_err()),
+            cpu_error
+        );
+        scratch.set_checked(false);
+        // A tensor on another device than the scratch.
+        let on_cpu = hidden.to_device(&Device::Cpu).unwrap();
+        assert!(message(permute(&mut scratch, &on_cpu, &ids)).contains("hidden_states is on"));
+    }
 }
