@@ -74,6 +74,16 @@ macro_rules! kernels {
         }
 
         impl Kernel {
+    /// Dynamic shared memory the kernel is launched with, in bytes.
+    pub const fn dynamic_shared_bytes(self) -> u32 {
+        match self {
+            Kernel::GroupedGemmBf16 | Kernel::GroupedGemmSiluBf16 => crate::GEMM_SHARED_BYTES,
+            _ => 0,
+        }
+    }
+}
+
+impl Kernel {
             /// Every entry point, in [`Kernel::index`] order.
             pub const ALL: [Kernel; [$($name),*].len()] = [$(Kernel::$variant),*];
 
@@ -118,6 +128,8 @@ kernels! {
     SiluMulBf16 => "silu_mul_bf16", SiluMul;
     RouterGrouped => "router_grouped", GroupedRouter;
     AddBf16 => "add_bf16", Add;
+    GroupedGemmBf16 => "grouped_gemm_bf16", GroupedGemm;
+    GroupedGemmSiluBf16 => "grouped_gemm_silu_bf16", GroupedGemm;
 }
 
 impl Kernel {

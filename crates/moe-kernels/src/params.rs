@@ -342,6 +342,62 @@ pub struct SiluMulParams {
     pub out: u64,
 }
 
+/// Rows of a grouped GEMM tile (the permuted rows of one expert).
+pub const GEMM_BM: u32 = 64;
+/// Weight rows of a grouped GEMM tile: output columns of the plain GEMM; for the gated
+/// one, half are gate rows and half the up rows of the same output columns.
+pub const GEMM_BN: u32 = 128;
+/// The reduction (`K`) depth of a pipeline stage: 128-byte rows, whole cache lines.
+pub const GEMM_BK: u32 = 64;
+/// Pipeline stages in shared memory (`cp.async` copies run this many tiles ahead, less
+/// one).
+pub const GEMM_STAGES: u32 = 3;
+/// Dynamic shared memory of a grouped GEMM block: its stages (72 KiB, above the 48 KiB
+/// a kernel gets without asking; the runtime raises the limit when it loads it).
+pub const GEMM_SHARED_BYTES: u32 = GEMM_STAGES * (GEMM_BM + GEMM_BN) * GEMM_BK * 2;
+/// Threads of a grouped GEMM block: four warps, side by side along the columns.
+pub const GEMM_THREADS: u32 = 128;
+/// `K` and `N` must be multiples of this (16-byte rows of bf16 for `cp.async`).
+pub const GEMM_ALIGN: u32 = 8;
+
+/// The expert GEMMs of the MoE block over permuted rows, with the expert of each row
+/// tile read from `expert_first_token_offset` on the device: for each local expert `e`
+/// and each of its rows `r` (`offsets[e] <= r < offsets[e + 1]`),
+/// `c[r, j] = sum_k a[r, k] * b[e, j, k]` (f32 accumulation, bf16 out). The gated
+/// kernel reads `b[e]` as `[2N, K]` (gate rows, then up rows) and writes
+/// `c[r, j] = bf16(SiLU(bf16(gate)) * bf16(up))`, what `silu_mul_bf16` computes from
+/// the two GEMM outputs.
+///
+/// Block `x` of the grid computes row-tile slot `x % m_slots` of column tile
+/// `x / m_slots`; slot `t` is the `t`-th tile of `GEMM_BM` rows counted over the
+/// experts in order, and a block whose slot is past the last tile returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GroupedGemmParams {
+    /// `[max_rows, K]` bf16 rows, in expert order.
+    pub a: u64,
+    /// `[L, N, K]` bf16 weights (`[L, 2N, K]` gated), each expert's rows `[out, in]`.
+    pub b: u64,
+    /// `[max_rows, N]` bf16 output.
+    pub c: u64,
+    /// `[L + 1]` i64 `expert_first_token_offset`; values are clamped to
+    /// `0..=max_rows`, and an expert whose end is below its start has no rows.
+    pub offsets: u64,
+    /// `L`.
+    pub num_experts: u32,
+    /// Row-tile slots per column tile: at least the tiles the rows can need,
+    /// `ceil(max_rows / GEMM_BM) + min(L, max_rows)`.
+    pub m_slots: u32,
+    /// `N`, output columns (a multiple of [`GEMM_ALIGN`]).
+    pub n: u32,
+    /// `K` (a multiple of [`GEMM_ALIGN`]).
+    pub k: u32,
+    /// Rows of `a` and `c`.
+    pub max_rows: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
 // Kernel arguments are copied byte for byte into the launch; pin their layout.
 const _: () = {
     use core::mem::{align_of, size_of};
@@ -356,6 +412,9 @@ const _: () = {
     assert!(size_of::<SiluMulParams>() == 24 && align_of::<SiluMulParams>() == 8);
     assert!(size_of::<GroupedRouterParams>() == 64 && align_of::<GroupedRouterParams>() == 8);
     assert!(size_of::<AddParams>() == 24 && align_of::<AddParams>() == 8);
+    assert!(size_of::<GroupedGemmParams>() == 56 && align_of::<GroupedGemmParams>() == 8);
+    assert!(GEMM_THREADS == 128 && GEMM_BM == 64 && GEMM_BN == 128 && GEMM_BK == 64);
+    assert!(GEMM_SHARED_BYTES == 73728);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
     // Per-warp counts are 16-bit: a warp's share of a chunk must fit.
     assert!(ROUTE_CHUNK / ROUTE_WARPS <= u16::MAX as u32);
@@ -378,6 +437,8 @@ pub enum ParamsKind {
     GroupedRouter,
     /// [`AddParams`].
     Add,
+    /// [`GroupedGemmParams`].
+    GroupedGemm,
 }
 
 /// A parameter block that crosses to the GPU as a kernel's one argument, by value.
@@ -419,4 +480,8 @@ unsafe impl KernelParams for GroupedRouterParams {
 // SAFETY: as above.
 unsafe impl KernelParams for AddParams {
     const KIND: ParamsKind = ParamsKind::Add;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for GroupedGemmParams {
+    const KIND: ParamsKind = ParamsKind::GroupedGemm;
 }

@@ -9,7 +9,7 @@ use crate::routing;
 
 /// `e^x` from the special-function unit: `2^(x log2 e)` (about 2 ulp).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     let y: f32;
     // SAFETY: a pure arithmetic instruction.
     unsafe {

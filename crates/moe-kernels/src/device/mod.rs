@@ -5,14 +5,15 @@
 //! a `#[repr(C)]` block from [`crate::params`] passed by value.
 
 mod block;
+mod gemm;
 mod intrinsics;
 mod route;
 mod rows;
 mod status;
 
 use crate::params::{
-    AddParams, GroupedRouterParams, PermuteRowsParams, RouteParams, RouterParams, SiluMulParams,
-    UnpermuteParams,
+    AddParams, GroupedGemmParams, GroupedRouterParams, PermuteRowsParams, RouteParams,
+    RouterParams, SiluMulParams, UnpermuteParams,
 };
 use rows::{BF16, F16, F32, V16};
 
@@ -61,4 +62,6 @@ kernels! {
     silu_mul_bf16(p: SiluMulParams) => block::silu_mul_bf16(p);
     router_grouped(p: GroupedRouterParams) => block::router_grouped(p);
     add_bf16(p: AddParams) => block::add_bf16(p);
+    grouped_gemm_bf16(p: GroupedGemmParams) => gemm::grouped_gemm_bf16::<false>(p);
+    grouped_gemm_silu_bf16(p: GroupedGemmParams) => gemm::grouped_gemm_bf16::<true>(p);
 }

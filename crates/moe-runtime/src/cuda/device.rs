@@ -277,6 +277,19 @@ fn load_kernels(context: &Arc<CudaContext>) -> Result<Arc<KernelTable>> {
         .map(|kernel| module.load_function(kernel.name()))
         .collect::<Result<Box<[_]>, _>>()
         .map_err(driver_error("find a kernel in the PTX module"))?;
+    // Kernels with more dynamic shared memory than a launch gets by default ask for it
+    // once, here.
+    for (kernel, function) in Kernel::ALL.iter().zip(&functions) {
+        let bytes = kernel.dynamic_shared_bytes();
+        if bytes > 48 * 1024 {
+            function
+                .set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(driver_error("raise a kernel's dynamic shared memory limit"))?;
+        }
+    }
     let kernels = Arc::new(KernelTable {
         _module: module,
         functions,

@@ -58,7 +58,7 @@ pub unsafe fn launch<P: KernelParams>(
             device.function(kernel).cu_function(),
             (grid.blocks, 1, 1),
             (grid.threads, 1, 1),
-            0,
+            kernel.dynamic_shared_bytes(),
             stream.cu_stream(),
             &mut args,
         )
