@@ -435,3 +435,136 @@ fn two_bf16_tensors_add_with_one_rounding() {
         assert_eq!(*g, bf16::from_f32(a.to_f32() + b.to_f32()), "{a} + {b}");
     }
 }
+
+/// Fraction of tokens routed alike by the two blocks, and the relative L2 error of the
+/// tokens that are (logits from two GEMM libraries may tie-break differently).
+fn compare(
+    got: &moe_experts::BlockOutput,
+    want: &moe_experts::BlockOutput,
+    h: usize,
+    k: usize,
+) -> (f64, f64) {
+    let tokens = want.topk_ids.len() / k;
+    let (mut same, mut diff, mut norm) = (0usize, 0f64, 0f64);
+    for t in 0..tokens {
+        let mut a = got.topk_ids[t * k..][..k].to_vec();
+        let mut b = want.topk_ids[t * k..][..k].to_vec();
+        a.sort();
+        b.sort();
+        if a != b {
+            continue;
+        }
+        same += 1;
+        for (g, w) in got.hidden_states[t * h..][..h]
+            .iter()
+            .zip(&want.hidden_states[t * h..][..h])
+        {
+            diff += (g.to_f32() as f64 - w.to_f32() as f64).powi(2);
+            norm += (w.to_f32() as f64).powi(2);
+        }
+    }
+    (
+        same as f64 / tokens.max(1) as f64,
+        (diff / norm.max(1e-30)).sqrt(),
+    )
+}
+
+#[test]
+fn the_whole_block_replays_as_one_cuda_graph_on_new_inputs() {
+    use moe_experts::cuda::ExpertGemm;
+    use moe_runtime::cuda::cudarc::driver::sys;
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
+    let all = configs();
+    for config in [&all[1], &all[2], &all[3]] {
+        let weights = MoeWeights::random(config, 77).unwrap();
+        let (h, k) = (config.hidden_size, config.top_k);
+        let tokens = 40;
+        let mut cpu_block = CpuMoeBlock::new(
+            config.clone(),
+            &weights,
+            ExpertsKind::Grouped,
+            SharedWorkspace::new(),
+            tokens,
+        )
+        .unwrap();
+        let mut gpu_block = CudaMoeBlock::new(
+            config.clone(),
+            &weights,
+            ExpertsKind::Grouped,
+            device.clone(),
+            SharedWorkspace::on_cuda_device(device.clone()),
+            tokens,
+        )
+        .unwrap();
+        assert_eq!(gpu_block.expert_gemm(), ExpertGemm::Auto);
+        gpu_block.set_expert_gemm(ExpertGemm::Grouped).unwrap();
+        let mut input = DeviceBuffer::<bf16>::zeros(&device, tokens * h).unwrap();
+        // A first call builds the scratch and the activations (allocations a capture
+        // cannot hold); then one forward is captured.
+        gpu_block.forward_device(&stream, input.view()).unwrap();
+        cu_stream.synchronize().unwrap();
+        cu_stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        let captured = gpu_block.forward_device(&stream, input.view());
+        let graph = cu_stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("the capture holds the block's work");
+        captured.unwrap();
+        for round in 0..3u64 {
+            let hidden = random_hidden(tokens, h, 900 + round);
+            input.copy_from_host(&stream, &hidden).unwrap();
+            graph.launch().unwrap();
+            let out = gpu_block.output(tokens).unwrap().to_host(&stream).unwrap();
+            let want = cpu_block.forward(&hidden).unwrap();
+            // The routing of the replay is not returned: route the same input eagerly
+            // to know which tokens to compare, and check the replay equals it.
+            let eager = gpu_block.forward(&stream, &hidden).unwrap();
+            assert_eq!(out, eager.hidden_states, "the replay is the eager forward");
+            let (alike, error) = compare(&eager, &want, h, k);
+            assert!(alike >= 0.97, "{config:?}: {alike} routed alike");
+            assert!(error < 1e-2, "{config:?}: relative error {error}");
+            eprintln!(
+                "graph replay H{h} E{} K{k}: relative error {error:.2e}, {:.0}% routed alike",
+                config.num_experts,
+                alike * 100.0
+            );
+        }
+    }
+}
+
+#[test]
+fn both_expert_gemm_paths_give_the_same_block() {
+    use moe_experts::cuda::ExpertGemm;
+    let Some((device, cu_stream)) = gpu() else {
+        return;
+    };
+    let stream = device.stream(&cu_stream).unwrap();
+    for (c, config) in configs().into_iter().enumerate() {
+        let weights = MoeWeights::random(&config, 5 + c as u64).unwrap();
+        let mut block = CudaMoeBlock::new(
+            config.clone(),
+            &weights,
+            ExpertsKind::Grouped,
+            device.clone(),
+            SharedWorkspace::on_cuda_device(device.clone()),
+            300,
+        )
+        .unwrap();
+        let hidden = random_hidden(300, config.hidden_size, 31 + c as u64);
+        block.set_expert_gemm(ExpertGemm::Grouped).unwrap();
+        let grouped = block.forward(&stream, &hidden).unwrap();
+        block.set_expert_gemm(ExpertGemm::Cublas).unwrap();
+        let cublas = block.forward(&stream, &hidden).unwrap();
+        // The router is the same cuBLAS GEMM on both paths: identical routing.
+        assert_eq!(grouped.topk_ids, cublas.topk_ids);
+        let (alike, error) = compare(&grouped, &cublas, config.hidden_size, config.top_k);
+        assert_eq!(alike, 1.0);
+        assert!(error < 1e-2, "{config:?}: relative error {error}");
+        eprintln!("grouped vs cuBLAS expert GEMMs, config {c}: relative error {error:.2e}");
+    }
+}

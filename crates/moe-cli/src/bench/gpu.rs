@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, sys};
 use half::bf16;
+use moe_experts::cuda::ExpertGemm;
 use moe_experts::{CudaMoeBlock, ExpertsKind, MoeWeights, SharedWorkspace};
 use moe_runtime::cuda::{
     self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceRowsMut,
@@ -249,31 +250,53 @@ pub(crate) fn run(
         drop(weights);
         for &n in block_tokens {
             progress.next(format_args!("{} N={n} block", shape.name));
-            let x = inputs(shape, n, 77 + n as u64);
-            let hidden = DeviceBuffer::from_host(&device, &x.hidden)?;
-            let mut time_block = |fresh: bool| -> anyhow::Result<f64> {
-                let mut samples = Vec::new();
-                for round in 0..8 {
-                    if fresh {
-                        block.use_workspace(SharedWorkspace::on_cuda_device(device.clone()))?;
-                    } else {
-                        block.use_workspace(workspace.clone())?;
-                    }
-                    stream.synchronize()?;
-                    let start = Instant::now();
-                    block.forward_device(&call_stream, hidden.view())?;
-                    stream.synchronize()?;
-                    if round > 0 {
-                        samples.push(start.elapsed().as_secs_f64() * 1e6);
-                    }
+            // Fresh inputs every call: four input sets, rotated.
+            let sets: Vec<DeviceBuffer<bf16>> = (0..4)
+                .map(|s| {
+                    Ok(DeviceBuffer::from_host(
+                        &device,
+                        &inputs(shape, n, 77 + (n * 10 + s) as u64).hidden,
+                    )?)
+                })
+                .collect::<anyhow::Result<_>>()?;
+            // The grouped kernels (no host wait): a CUDA graph of one call per set,
+            // replayed, after a warm-up call that builds the scratch and activations.
+            let grouped = block.set_expert_gemm(ExpertGemm::Grouped).is_ok();
+            block.forward_device(&call_stream, sets[0].view())?;
+            stream.synchronize()?;
+            let (graph_us, eager_us) = time_calls(&stream, sets.len(), |s| {
+                block.forward_device(&call_stream, sets[s].view())?;
+                Ok(())
+            })?;
+            // The cuBLAS path waits on the host: wall clock around each call.
+            block.set_expert_gemm(ExpertGemm::Cublas)?;
+            let mut samples = Vec::new();
+            for round in 0..9 {
+                stream.synchronize()?;
+                let start = Instant::now();
+                block.forward_device(&call_stream, sets[round % sets.len()].view())?;
+                stream.synchronize()?;
+                if round > 0 {
+                    samples.push(start.elapsed().as_secs_f64() * 1e6);
                 }
-                Ok(median(samples))
-            };
-            let scratch_us = time_block(false)?;
-            let alloc_us = time_block(true)?;
+            }
+            let cublas_us = median(samples);
+            // The dense bf16 GEMMs of the same total size on cuBLAS (N*K rows through
+            // one [2I, H] and one [H, I] weight): the practical compute line.
+            let dense_us = dense_gemm_us(&device, &stream, &call_stream, block.config(), n)?;
+            block.set_expert_gemm(ExpertGemm::Auto)?;
+            let x = inputs(shape, n, 77 + n as u64 * 10);
             let routed = block.forward(&call_stream, &x.hidden)?;
             let bytes = block_weight_bytes(block.config(), &routed.topk_ids);
-            rows.push(Row::new(shape, n, "block", scratch_us, alloc_us).with_bytes(bytes));
+            if grouped {
+                rows.push(
+                    Row::block(shape, n, "block", graph_us.unwrap_or(eager_us))
+                        .with_eager_call(eager_us)
+                        .with_bytes(bytes),
+                );
+            }
+            rows.push(Row::block(shape, n, "block-cublas", cublas_us).with_bytes(bytes));
+            rows.push(Row::block(shape, n, "dense-gemm", dense_us));
         }
     }
     Ok(Report {
@@ -281,9 +304,49 @@ pub(crate) fn run(
         card,
         copy_gb_per_s,
         method: format!(
-            "bf16; permute/unpermute: median of 7 replays of a CUDA graph of back-to-back calls rotating over input sets that touch >= 3x L2 ({} MiB), eager launches also shown; block: wall clock around one call incl. its host wait, median of 7, GB/s = weight bytes it must read (router, shared expert, experts chosen) / time; copy: 1 GiB device-to-device",
+            "bf16; permute/unpermute: median of 7 replays of a CUDA graph of back-to-back calls rotating over input sets that touch >= 3x L2 ({} MiB), eager launches also shown; block: the grouped-GEMM block by CUDA-graph replay of one call per input set (4 sets, eager beside it), block-cublas (expert GEMMs on cuBLAS after a host wait) by wall clock around a call, median of 8, GB/s = weight bytes it must read (router, shared expert, experts chosen) / time; copy: 1 GiB device-to-device",
             l2 >> 20
         ),
         rows,
     })
+}
+
+/// Microseconds of the two dense bf16 GEMMs with the expert GEMMs' total size for `n`
+/// tokens, on cuBLAS, by CUDA-graph replay (eager where capture fails).
+fn dense_gemm_us(
+    device: &Arc<CudaDevice>,
+    stream: &Arc<CudaStream>,
+    call_stream: &cuda::Stream<'_>,
+    config: &moe_experts::MoeConfig,
+    n: usize,
+) -> anyhow::Result<f64> {
+    let (h, i, rows) = (
+        config.hidden_size,
+        config.intermediate_size,
+        n * config.top_k,
+    );
+    let mut blas = moe_experts::cuda::Blas::new(device.clone())?;
+    let x = DeviceBuffer::<bf16>::zeros(device, rows * h)?;
+    let w13 = DeviceBuffer::<bf16>::zeros(device, 2 * i * h)?;
+    let w2 = DeviceBuffer::<bf16>::zeros(device, h * i)?;
+    let mut y13 = DeviceBuffer::<bf16>::zeros(device, rows * 2 * i)?;
+    let mut y2 = DeviceBuffer::<bf16>::zeros(device, rows * h)?;
+    let (graph, eager) = time_calls(stream, 1, |_| {
+        blas.matmul_nt(
+            call_stream,
+            (rows, 2 * i, h),
+            x.view(),
+            w13.view(),
+            y13.view_mut(),
+        )?;
+        blas.matmul_nt(
+            call_stream,
+            (rows, h, i),
+            y13.view().prefix(rows * i),
+            w2.view(),
+            y2.view_mut(),
+        )?;
+        Ok(())
+    })?;
+    Ok(graph.unwrap_or(eager))
 }

@@ -176,7 +176,7 @@ impl Row {
             alloc_us: Some(alloc_us),
             eager_scratch_us: None,
             eager_alloc_us: None,
-            bytes: if op == "block" {
+            bytes: if op.starts_with("block") {
                 0
             } else {
                 bytes_moved(shape, tokens)
@@ -184,13 +184,27 @@ impl Row {
         }
     }
 
-    /// The same, with eager-launch timings beside the graph-replay ones.
+    /// A block's measurement: one time per call, nothing allocating to compare with.
+    pub(crate) fn block(shape: &Shape, tokens: usize, op: &'static str, us: f64) -> Self {
+        Self {
+            alloc_us: None,
+            ..Self::new(shape, tokens, op, us, 0.0)
+        }
+    }
+
     /// A block row's bytes: the weights its call must read.
     pub(crate) fn with_bytes(mut self, bytes: u64) -> Self {
         self.bytes = bytes;
         self
     }
 
+    /// A block row's eager-launch time beside its graph-replay one.
+    pub(crate) fn with_eager_call(mut self, us: f64) -> Self {
+        self.eager_scratch_us = Some(us);
+        self
+    }
+
+    /// The same, with eager-launch timings beside the graph-replay ones.
     pub(crate) fn with_eager(mut self, scratch_us: f64, alloc_us: f64) -> Self {
         self.eager_scratch_us = Some(scratch_us);
         self.eager_alloc_us = Some(alloc_us);

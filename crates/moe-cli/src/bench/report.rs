@@ -37,6 +37,7 @@ pub(crate) fn print_table(report: &Report) {
         };
         let eager = match (row.eager_scratch_us, row.eager_alloc_us) {
             (Some(s), Some(a)) => format!("{s:.1} / {a:.1}"),
+            (Some(s), None) => format!("{s:.1}"),
             _ => "-".into(),
         };
         println!(

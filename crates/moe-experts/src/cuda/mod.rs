@@ -1,21 +1,24 @@
-//! The MoE block on a CUDA device: cuBLAS for the GEMMs, the project's kernels for
-//! everything else (the router, softmax or DeepSeek-V3's grouped one, the activation,
-//! permute, unpermute, and the shared expert's add).
+//! The MoE block on a CUDA device: the project's kernels for the router (softmax or
+//! DeepSeek-V3's grouped one), permute, the expert GEMMs, unpermute and the shared
+//! expert's add; cuBLAS for the router's and the shared expert's dense GEMMs.
 //!
-//! One step waits on the host: the grouped GEMMs need each expert's row count to
-//! issue one cuBLAS GEMM per expert, so `expert_first_token_offset` (`L + 1` values) is
-//! copied back after permute. Everything else is queued on the call's stream. A
-//! grouped GEMM that reads the offsets on the device (a kernel of the project's own,
-//! or cuBLASLt's grouped GEMM with device-side sizes) would remove that wait; until
-//! then a whole block cannot be captured in a CUDA graph, while its permute and
-//! unpermute can.
+//! The expert GEMMs ([`ExpertGemm::Grouped`]) are the project's grouped tensor-core
+//! kernels, which read each row tile's expert from `expert_first_token_offset` on the
+//! device: nothing in a forward waits on the host, and the whole block can be
+//! captured in a CUDA graph. [`ExpertGemm::Cublas`] is the earlier path: it copies the
+//! offsets to the host (one wait) and issues one cuBLAS GEMM per expert, twice, and
+//! the separate SiLU kernel; the default, [`ExpertGemm::Auto`], takes it for large
+//! prefill calls of models with large experts, where it is faster, and for sizes the
+//! grouped kernels refuse (H or I not a multiple of 8).
 
 mod blas;
+mod gemm;
 mod kernels;
 
 use std::sync::Arc;
 
 use half::bf16;
+use moe_kernels::GEMM_ALIGN;
 use moe_runtime::cuda::{
     self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteDest, DevicePermuteInput,
     DeviceRows, DeviceRowsMut, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, Stream,
@@ -24,6 +27,49 @@ use moe_runtime::size::product;
 use moe_runtime::{DType, ScratchConfig};
 
 pub use blas::{Blas, GemmOutput};
+pub use gemm::{GemmEpilogue, GroupedGemmShape, grouped_gemm};
+
+/// How [`CudaMoeBlock`] runs the expert GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertGemm {
+    /// [`Self::Grouped`], except for calls whose experts get on average
+    /// [`CUBLAS_ROWS_PER_EXPERT`] rows or more of an intermediate size of at least
+    /// [`CUBLAS_MIN_INTERMEDIATE`]: there each expert's GEMMs are large and
+    /// compute-bound, and cuBLAS's Hopper kernels beat the grouped `mma.sync` ones
+    /// (measured on the H200, docs/benchmarks.md). The host knows `N` without waiting,
+    /// so the choice costs nothing; such calls (prefill) are not the ones serving
+    /// stacks capture in graphs.
+    Auto,
+    /// Two launches of the grouped kernels ([`grouped_gemm`]), the gate/up one with the
+    /// SiLU in its epilogue; no host wait.
+    Grouped,
+    /// cuBLAS, a GEMM per expert with rows, after copying the offsets to the host.
+    Cublas,
+}
+
+/// [`ExpertGemm::Auto`] runs cuBLAS from this many rows per expert on average...
+pub const CUBLAS_ROWS_PER_EXPERT: usize = 128;
+/// ...for intermediate sizes of at least this.
+pub const CUBLAS_MIN_INTERMEDIATE: usize = 4096;
+
+impl ExpertGemm {
+    /// The path a call of `tokens` takes.
+    fn resolve(self, config: &MoeConfig, tokens: usize) -> ExpertGemm {
+        match self {
+            ExpertGemm::Auto => {
+                let rows_per_expert = tokens * config.top_k / config.num_experts.max(1);
+                if rows_per_expert >= CUBLAS_ROWS_PER_EXPERT
+                    && config.intermediate_size >= CUBLAS_MIN_INTERMEDIATE
+                {
+                    ExpertGemm::Cublas
+                } else {
+                    ExpertGemm::Grouped
+                }
+            }
+            path => path,
+        }
+    }
+}
 pub use kernels::{add_bf16, copy_device, router_grouped, router_topk, silu_mul};
 
 use crate::shared::{ScratchGuard, ScratchSource, SharedWorkspace};
@@ -125,6 +171,7 @@ pub struct CudaMoeBlock {
     shared: Option<(DeviceBuffer<bf16>, DeviceBuffer<bf16>)>,
     source: ScratchSource,
     activations: Option<Activations>,
+    expert_gemm: ExpertGemm,
 }
 
 impl CudaMoeBlock {
@@ -200,9 +247,35 @@ impl CudaMoeBlock {
             blas: Blas::new(device)?,
             source: ScratchSource { workspace, request },
             activations: None,
+            expert_gemm: if h % GEMM_ALIGN as usize == 0 && i % GEMM_ALIGN as usize == 0 {
+                ExpertGemm::Auto
+            } else {
+                ExpertGemm::Cublas
+            },
             config,
             kind,
         })
+    }
+
+    /// How the expert GEMMs run: [`ExpertGemm::Auto`] unless the hidden or
+    /// intermediate size is not a multiple of 8 ([`ExpertGemm::Cublas`] then).
+    pub fn expert_gemm(&self) -> ExpertGemm {
+        self.expert_gemm
+    }
+
+    /// Chooses how the expert GEMMs run; [`ExpertGemm::Grouped`] and
+    /// [`ExpertGemm::Auto`] are refused for sizes the grouped kernels cannot take.
+    pub fn set_expert_gemm(&mut self, gemm: ExpertGemm) -> Result<()> {
+        let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
+        let align = GEMM_ALIGN as usize;
+        if gemm != ExpertGemm::Cublas && (h % align != 0 || i % align != 0) {
+            return Err(ExpertsError::Config(format!(
+                "the grouped expert GEMMs need the hidden ({h}) and intermediate ({i}) sizes \
+                 to be multiples of {align}"
+            )));
+        }
+        self.expert_gemm = gemm;
+        Ok(())
     }
 
     /// The block's sizes and routing settings.
@@ -391,50 +464,53 @@ impl CudaMoeBlock {
         };
         let rows = routed.permuted_hidden_states.typed::<bf16>()?;
 
-        // The one host wait: each expert's row count, for one GEMM per expert.
-        let offsets = routed.expert_first_token_offset.to_host(stream)?;
-        let valid = offsets.last().map_or(0, |&v| v as usize);
-        let gate_up_w = self.gate_up.view();
-        let down_w = self.down.view();
-        for (expert, bounds) in offsets.windows(2).enumerate() {
-            let (first, end) = (bounds[0] as usize, bounds[1] as usize);
-            if end > first {
-                self.blas.matmul_nt(
+        match self.expert_gemm.resolve(&self.config, tokens) {
+            ExpertGemm::Grouped | ExpertGemm::Auto => {
+                let offsets = routed.expert_first_token_offset;
+                grouped_gemm(
                     stream,
-                    (end - first, 2 * i, h),
-                    rows.range("permuted rows", first * h, (end - first) * h)?,
-                    gate_up_w.range("gate_up weights", expert * 2 * i * h, 2 * i * h)?,
-                    activations.gate_up.view_mut().range(
-                        "gate_up",
-                        first * 2 * i,
-                        (end - first) * 2 * i,
-                    )?,
+                    GemmEpilogue::SiluMul,
+                    GroupedGemmShape {
+                        max_rows: entries,
+                        n: i,
+                        k: h,
+                    },
+                    rows.prefix(entries * h),
+                    self.gate_up.view(),
+                    offsets,
+                    activations.act.view_mut().prefix(entries * i),
+                )?;
+                grouped_gemm(
+                    stream,
+                    GemmEpilogue::Plain,
+                    GroupedGemmShape {
+                        max_rows: entries,
+                        n: h,
+                        k: i,
+                    },
+                    activations.act.view().prefix(entries * i),
+                    self.down.view(),
+                    offsets,
+                    activations.expert_out.view_mut().prefix(entries * h),
                 )?;
             }
-        }
-        silu_mul(
-            stream,
-            activations.gate_up.view().prefix(valid * 2 * i),
-            valid,
-            i,
-            activations.act.view_mut().prefix(valid * i),
-        )?;
-        for (expert, bounds) in offsets.windows(2).enumerate() {
-            let (first, end) = (bounds[0] as usize, bounds[1] as usize);
-            if end > first {
-                self.blas.matmul_nt(
+            ExpertGemm::Cublas => {
+                // The one host wait of this path: each expert's row count.
+                let offsets = routed.expert_first_token_offset.to_host(stream)?;
+                let weights = (self.gate_up.view(), self.down.view());
+                let buffers = (
+                    &mut activations.gate_up,
+                    &mut activations.act,
+                    &mut activations.expert_out,
+                );
+                cublas_experts(
+                    &mut self.blas,
                     stream,
-                    (end - first, h, i),
-                    activations
-                        .act
-                        .view()
-                        .range("act", first * i, (end - first) * i)?,
-                    down_w.range("down weights", expert * h * i, h * i)?,
-                    activations.expert_out.view_mut().range(
-                        "expert_out",
-                        first * h,
-                        (end - first) * h,
-                    )?,
+                    &offsets,
+                    rows,
+                    weights,
+                    buffers,
+                    (h, i),
                 )?;
             }
         }
@@ -488,4 +564,59 @@ impl CudaMoeBlock {
         }
         Ok(())
     }
+}
+
+/// The expert GEMMs on cuBLAS: for each expert with rows (`offsets`, read back from
+/// the device), its gate/up GEMM, then the SiLU kernel over every valid row, then each
+/// expert's down GEMM.
+fn cublas_experts(
+    blas: &mut Blas,
+    stream: &Stream<'_>,
+    offsets: &[i64],
+    rows: DeviceView<'_, bf16>,
+    (gate_up_w, down_w): (DeviceView<'_, bf16>, DeviceView<'_, bf16>),
+    (gate_up, act, expert_out): (
+        &mut DeviceBuffer<bf16>,
+        &mut DeviceBuffer<bf16>,
+        &mut DeviceBuffer<bf16>,
+    ),
+    (h, i): (usize, usize),
+) -> Result<()> {
+    let valid = offsets.last().map_or(0, |&v| v as usize);
+    for (expert, bounds) in offsets.windows(2).enumerate() {
+        let (first, end) = (bounds[0] as usize, bounds[1] as usize);
+        if end > first {
+            blas.matmul_nt(
+                stream,
+                (end - first, 2 * i, h),
+                rows.range("permuted rows", first * h, (end - first) * h)?,
+                gate_up_w.range("gate_up weights", expert * 2 * i * h, 2 * i * h)?,
+                gate_up
+                    .view_mut()
+                    .range("gate_up", first * 2 * i, (end - first) * 2 * i)?,
+            )?;
+        }
+    }
+    silu_mul(
+        stream,
+        gate_up.view().prefix(valid * 2 * i),
+        valid,
+        i,
+        act.view_mut().prefix(valid * i),
+    )?;
+    for (expert, bounds) in offsets.windows(2).enumerate() {
+        let (first, end) = (bounds[0] as usize, bounds[1] as usize);
+        if end > first {
+            blas.matmul_nt(
+                stream,
+                (end - first, h, i),
+                act.view().range("act", first * i, (end - first) * i)?,
+                down_w.range("down weights", expert * h * i, h * i)?,
+                expert_out
+                    .view_mut()
+                    .range("expert_out", first * h, (end - first) * h)?,
+            )?;
+        }
+    }
+    Ok(())
 }
