@@ -130,6 +130,8 @@ kernels! {
     AddBf16 => "add_bf16", Add;
     GroupedGemmBf16 => "grouped_gemm_bf16", GroupedGemm;
     GroupedGemmSiluBf16 => "grouped_gemm_silu_bf16", GroupedGemm;
+    GemmReduceBf16 => "grouped_gemm_reduce_bf16", GemmReduce;
+    GemmReduceSiluBf16 => "grouped_gemm_reduce_silu_bf16", GemmReduce;
 }
 
 impl Kernel {

@@ -394,8 +394,35 @@ pub struct GroupedGemmParams {
     pub k: u32,
     /// Rows of `a` and `c`.
     pub max_rows: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// Slices of `K` the grid is split into (1: none). With more, block `x` computes
+    /// slice `x % splits` of its tile (its share of the k-tiles) and stores f32 sums
+    /// into `partials` instead of `c`, and `grouped_gemm_reduce_*` adds the slices.
+    pub splits: u32,
+    /// `[splits, max_rows, W]` f32, `W` the weight rows of an expert (`N`, or `2N`
+    /// gated: gate columns, then up columns); 0 without splits.
+    pub partials: u64,
+}
+
+/// The second step of a split grouped GEMM: `c[r, j]` from the sum, in split order, of
+/// `partials[s, r, j]` (and of the up columns `N + j`, gated), for every row below the
+/// valid count `offsets[L]` (clamped to `max_rows`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmReduceParams {
+    /// `[splits, max_rows, W]` f32.
+    pub partials: u64,
+    /// `[max_rows, N]` bf16.
+    pub c: u64,
+    /// `[L + 1]` i64.
+    pub offsets: u64,
+    /// `L`.
+    pub num_experts: u32,
+    /// Rows of `c`.
+    pub max_rows: u32,
+    /// `N`.
+    pub n: u32,
+    /// Slices.
+    pub splits: u32,
 }
 
 // Kernel arguments are copied byte for byte into the launch; pin their layout.
@@ -412,7 +439,8 @@ const _: () = {
     assert!(size_of::<SiluMulParams>() == 24 && align_of::<SiluMulParams>() == 8);
     assert!(size_of::<GroupedRouterParams>() == 64 && align_of::<GroupedRouterParams>() == 8);
     assert!(size_of::<AddParams>() == 24 && align_of::<AddParams>() == 8);
-    assert!(size_of::<GroupedGemmParams>() == 56 && align_of::<GroupedGemmParams>() == 8);
+    assert!(size_of::<GroupedGemmParams>() == 64 && align_of::<GroupedGemmParams>() == 8);
+    assert!(size_of::<GemmReduceParams>() == 40 && align_of::<GemmReduceParams>() == 8);
     assert!(GEMM_THREADS == 128 && GEMM_BM == 64 && GEMM_BN == 128 && GEMM_BK == 64);
     assert!(GEMM_SHARED_BYTES == 73728);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
@@ -439,6 +467,8 @@ pub enum ParamsKind {
     Add,
     /// [`GroupedGemmParams`].
     GroupedGemm,
+    /// [`GemmReduceParams`].
+    GemmReduce,
 }
 
 /// A parameter block that crosses to the GPU as a kernel's one argument, by value.
@@ -484,4 +514,8 @@ unsafe impl KernelParams for AddParams {
 // SAFETY: as above.
 unsafe impl KernelParams for GroupedGemmParams {
     const KIND: ParamsKind = ParamsKind::GroupedGemm;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for GemmReduceParams {
+    const KIND: ParamsKind = ParamsKind::GemmReduce;
 }

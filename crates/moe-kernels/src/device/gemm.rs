@@ -23,7 +23,9 @@ use core::arch::asm;
 
 use super::block::exp;
 use super::intrinsics::*;
-use crate::params::{GEMM_BK, GEMM_BM, GEMM_BN, GEMM_SHARED_BYTES, GEMM_STAGES, GroupedGemmParams};
+use crate::params::{
+    GEMM_BK, GEMM_BM, GEMM_BN, GEMM_SHARED_BYTES, GEMM_STAGES, GemmReduceParams, GroupedGemmParams,
+};
 
 /// Bytes of one stage: the row tile, then the weight tile (128-byte rows).
 const ROW_BYTES: u32 = GEMM_BK * 2;
@@ -261,8 +263,10 @@ unsafe fn load_stage<const GATED: bool>(
 
 /// The grouped GEMM (see [`GroupedGemmParams`]).
 pub(crate) unsafe fn grouped_gemm_bf16<const GATED: bool>(p: &GroupedGemmParams) {
-    let slot = block() % p.m_slots;
-    let col_tile = block() / p.m_slots;
+    let split = block() % p.splits;
+    let tile_index = block() / p.splits;
+    let slot = tile_index % p.m_slots;
+    let col_tile = tile_index / p.m_slots;
     if warp() == 0 {
         // SAFETY: reads `L + 1` offsets; writes the tile words.
         unsafe { find_tile(p, slot) };
@@ -277,7 +281,11 @@ pub(crate) unsafe fn grouped_gemm_bf16<const GATED: bool>(p: &GroupedGemmParams)
     let weight_rows = if GATED { 2 * p.n } else { p.n };
     let weights = p.b + expert as u64 * weight_rows as u64 * p.k as u64 * 2;
     let col0 = col_tile * if GATED { GEMM_BN / 2 } else { GEMM_BN };
-    let k_tiles = p.k.div_ceil(GEMM_BK);
+    // This block's k-tiles: its split's share (all of them without splits).
+    let all_k_tiles = p.k.div_ceil(GEMM_BK);
+    let per_split = all_k_tiles.div_ceil(p.splits);
+    let k_first = (split * per_split).min(all_k_tiles);
+    let k_tiles = (all_k_tiles - k_first).min(per_split);
     let tile = (row0, row_end);
     let w = (weights, col0);
 
@@ -285,7 +293,7 @@ pub(crate) unsafe fn grouped_gemm_bf16<const GATED: bool>(p: &GroupedGemmParams)
     while stage < GEMM_STAGES - 1 {
         if stage < k_tiles {
             // SAFETY: a stage of this block's shared memory; rows and weights in bounds.
-            unsafe { load_stage::<GATED>(p, tile, w, stage, stage) };
+            unsafe { load_stage::<GATED>(p, tile, w, stage, k_first + stage) };
         }
         cp_async_commit();
         stage += 1;
@@ -307,7 +315,7 @@ pub(crate) unsafe fn grouped_gemm_bf16<const GATED: bool>(p: &GroupedGemmParams)
         if next < k_tiles {
             // SAFETY: the stage computed on one iteration ago; every warp is past it
             // (the barrier above).
-            unsafe { load_stage::<GATED>(p, tile, w, next % GEMM_STAGES, next) };
+            unsafe { load_stage::<GATED>(p, tile, w, next % GEMM_STAGES, k_first + next) };
         }
         cp_async_commit();
         let base = stages() + (kt % GEMM_STAGES) * STAGE_BYTES;
@@ -346,6 +354,16 @@ pub(crate) unsafe fn grouped_gemm_bf16<const GATED: bool>(p: &GroupedGemmParams)
     // (One call per m16 tile, with constant indices: a loop over the tiles would
     // index the accumulators dynamically and move them to local memory.)
     let at = (row0, row_end, col0, warp, lane);
+    if p.splits > 1 {
+        // SAFETY: the block's tile of its split's partial sums.
+        unsafe {
+            store_partials::<GATED>(p, &acc[0], 0, split, at);
+            store_partials::<GATED>(p, &acc[1], 1, split, at);
+            store_partials::<GATED>(p, &acc[2], 2, split, at);
+            store_partials::<GATED>(p, &acc[3], 3, split, at);
+        }
+        return;
+    }
     // SAFETY: the block's tile of `c`, as computed above.
     unsafe {
         store_rows::<GATED>(p, &acc[0], 0, at);
@@ -353,6 +371,84 @@ pub(crate) unsafe fn grouped_gemm_bf16<const GATED: bool>(p: &GroupedGemmParams)
         store_rows::<GATED>(p, &acc[2], 2, at);
         store_rows::<GATED>(p, &acc[3], 3, at);
     }
+}
+
+/// Writes a warp's f32 sums for m16 tile `mt` into split `split`'s partials: the
+/// positions [`store_rows`] writes, gate and up columns (`N` apart) separately.
+#[inline(always)]
+unsafe fn store_partials<const GATED: bool>(
+    p: &GroupedGemmParams,
+    acc: &[[f32; 4]; 4],
+    mt: u32,
+    split: u32,
+    (row0, row_end, col0, warp, lane): (u32, u32, u32, u32, u32),
+) {
+    let (quad_row, quad_col) = (lane >> 2, 2 * (lane & 3));
+    let width = if GATED { 2 * p.n } else { p.n } as u64;
+    let base = p.partials as *mut [f32; 2];
+    let mut half = 0usize;
+    while half < 2 {
+        let row = row0 + mt * 16 + quad_row + 8 * half as u32;
+        if row < row_end {
+            let line = (split as u64 * p.max_rows as u64 + row as u64) * width;
+            let mut j = 0usize;
+            while j < 4 {
+                // Plain: four n8 tiles of columns. Gated: tiles 0 and 1 are gate
+                // columns, 2 and 3 the up columns of the same outputs.
+                let (column, shift) = if GATED {
+                    (
+                        col0 + 16 * warp + 8 * (j as u32 & 1) + quad_col,
+                        if j >= 2 { p.n } else { 0 },
+                    )
+                } else {
+                    (col0 + 32 * warp + 8 * j as u32 + quad_col, 0)
+                };
+                if column < p.n {
+                    let index = (line + (shift + column) as u64) / 2;
+                    let x = &acc[j];
+                    // SAFETY: `row < max_rows`, `shift + column + 1 < W`, split
+                    // `< splits`: inside `partials`, 8-byte aligned (column even).
+                    unsafe { *base.add(index as usize) = [x[2 * half], x[2 * half + 1]] };
+                }
+                j += 1;
+            }
+        }
+        half += 1;
+    }
+}
+
+/// The second step of a split GEMM (see [`GemmReduceParams`]): a thread per output
+/// element.
+pub(crate) unsafe fn reduce_bf16<const GATED: bool>(p: &GemmReduceParams) {
+    let index = block() as u64 * crate::params::ELEMENTWISE_THREADS as u64 + thread() as u64;
+    let n = p.n as u64;
+    if index >= p.max_rows as u64 * n {
+        return;
+    }
+    let (row, column) = (index / n, index % n);
+    // SAFETY: `offsets` holds `L + 1` values.
+    let valid = unsafe { *(p.offsets as *const i64).add(p.num_experts as usize) };
+    if row as i64 >= valid.clamp(0, p.max_rows as i64) {
+        return;
+    }
+    let width = if GATED { 2 * n } else { n };
+    let partials = p.partials as *const f32;
+    let (mut x, mut up) = (0f32, 0f32);
+    let mut split = 0u64;
+    while split < p.splits as u64 {
+        let line = (split * p.max_rows as u64 + row) * width;
+        // SAFETY: `split < splits`, `row < max_rows`, `column (+ N) < W`.
+        unsafe {
+            x += *partials.add((line + column) as usize);
+            if GATED {
+                up += *partials.add((line + n + column) as usize);
+            }
+        }
+        split += 1;
+    }
+    let value = if GATED { silu_mul(x, up) } else { x };
+    // SAFETY: `row < max_rows`, `column < N`: inside `c`.
+    unsafe { *(p.c as *mut u16).add(index as usize) = f32_to_bf16(value) };
 }
 
 /// Writes a warp's results for m16 tile `mt`: the thread holds its rows `lane / 4`

@@ -12,8 +12,8 @@ mod rows;
 mod status;
 
 use crate::params::{
-    AddParams, GroupedGemmParams, GroupedRouterParams, PermuteRowsParams, RouteParams,
-    RouterParams, SiluMulParams, UnpermuteParams,
+    AddParams, GemmReduceParams, GroupedGemmParams, GroupedRouterParams, PermuteRowsParams,
+    RouteParams, RouterParams, SiluMulParams, UnpermuteParams,
 };
 use rows::{BF16, F16, F32, V16};
 
@@ -64,4 +64,6 @@ kernels! {
     add_bf16(p: AddParams) => block::add_bf16(p);
     grouped_gemm_bf16(p: GroupedGemmParams) => gemm::grouped_gemm_bf16::<false>(p);
     grouped_gemm_silu_bf16(p: GroupedGemmParams) => gemm::grouped_gemm_bf16::<true>(p);
+    grouped_gemm_reduce_bf16(p: GemmReduceParams) => gemm::reduce_bf16::<false>(p);
+    grouped_gemm_reduce_silu_bf16(p: GemmReduceParams) => gemm::reduce_bf16::<true>(p);
 }
