@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use half::bf16;
 use moe_experts::ExpertsError;
-use moe_experts::cuda::{GemmEpilogue, GroupedGemmShape, grouped_gemm};
+use moe_experts::cuda::{
+    GemmEpilogue, GroupedGemmOperands, GroupedGemmShape, grouped_gemm, split_workspace_len,
+};
 use moe_runtime::cuda::{CudaDevice, CudaStream, DeviceBuffer};
 
 fn gpu() -> Option<(Arc<CudaDevice>, Arc<CudaStream>)> {
@@ -110,7 +112,12 @@ fn the_grouped_gemms_compute_each_experts_rows_as_the_cpu_does() {
             offsets.push(offsets.last().unwrap() + count as i64);
         }
         let a = random_bf16(max_rows * k, 1.0, 10 + case as u64);
-        for epilogue in [GemmEpilogue::Plain, GemmEpilogue::SiluMul] {
+        for (epilogue, splits) in [
+            (GemmEpilogue::Plain, 1),
+            (GemmEpilogue::SiluMul, 1),
+            (GemmEpilogue::Plain, 3),
+            (GemmEpilogue::SiluMul, 5),
+        ] {
             let weight_rows = if epilogue == GemmEpilogue::Plain {
                 n
             } else {
@@ -124,16 +131,24 @@ fn the_grouped_gemms_compute_each_experts_rows_as_the_cpu_does() {
             let d_offsets = DeviceBuffer::from_host(&device, &offsets).unwrap();
             let mut d_c =
                 DeviceBuffer::from_host(&device, &vec![sentinel; (max_rows * n).max(1)]).unwrap();
-            grouped_gemm(
-                &stream,
-                epilogue,
-                GroupedGemmShape { max_rows, n, k },
-                d_a.view(),
-                d_b.view(),
-                d_offsets.view(),
-                d_c.view_mut(),
-            )
-            .unwrap();
+            let shape = GroupedGemmShape {
+                max_rows,
+                n,
+                k,
+                splits,
+            };
+            // Partial sums start as NaN: a slice the kernels forgot to write would show.
+            let partials_len = split_workspace_len(epilogue, shape).max(1);
+            let mut d_partials =
+                DeviceBuffer::from_host(&device, &vec![f32::NAN; partials_len]).unwrap();
+            let operands = GroupedGemmOperands {
+                a: d_a.view(),
+                b: d_b.view(),
+                offsets: d_offsets.view(),
+                c: d_c.view_mut(),
+                partials: Some(d_partials.view_mut()),
+            };
+            grouped_gemm(&stream, epilogue, shape, operands).unwrap();
             let got = d_c.view().to_host(&stream).unwrap();
             let mut worst = 0f32;
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -144,7 +159,7 @@ fn the_grouped_gemms_compute_each_experts_rows_as_the_cpu_does() {
                 let error = (g - w).abs();
                 assert!(
                     error <= tolerance,
-                    "case {case} {epilogue:?}: element {i} (row {}, column {}) is {g}, want {w}",
+                    "case {case} {epilogue:?} splits {splits}: element {i} (row {}, column {}) is {g}, want {w}",
                     i / n,
                     i % n
                 );
@@ -159,7 +174,7 @@ fn the_grouped_gemms_compute_each_experts_rows_as_the_cpu_does() {
                 "case {case} {epilogue:?}: the output is mostly zeros"
             );
             eprintln!(
-                "case {case} {epilogue:?}: {} experts, {valid} rows, N {n}, K {k}: worst relative error {worst:.2e}",
+                "case {case} {epilogue:?} splits {splits}: {} experts, {valid} rows, N {n}, K {k}: worst relative error {worst:.2e}",
                 counts.len()
             );
         }
@@ -177,20 +192,20 @@ fn the_grouped_gemm_refuses_what_it_cannot_compute() {
     let offsets = DeviceBuffer::from_host(&device, &[0i64, 2, 4]).unwrap();
     let mut c = DeviceBuffer::<bf16>::zeros(&device, 4 * 64).unwrap();
     let mut call = |shape: GroupedGemmShape, epilogue| {
-        grouped_gemm(
-            &stream,
-            epilogue,
-            shape,
-            a.view(),
-            b.view(),
-            offsets.view(),
-            c.view_mut(),
-        )
+        let operands = GroupedGemmOperands {
+            a: a.view(),
+            b: b.view(),
+            offsets: offsets.view(),
+            c: c.view_mut(),
+            partials: None,
+        };
+        grouped_gemm(&stream, epilogue, shape, operands)
     };
     let shape = GroupedGemmShape {
         max_rows: 4,
         n: 64,
         k: 64,
+        splits: 1,
     };
     call(shape, GemmEpilogue::Plain).unwrap();
     // N or K not a multiple of 8.

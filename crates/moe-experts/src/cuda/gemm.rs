@@ -3,7 +3,10 @@
 //! device, so the host never learns the group sizes (no wait, graph-capturable).
 
 use half::bf16;
-use moe_kernels::{GEMM_ALIGN, GEMM_BM, GEMM_BN, GEMM_THREADS, GroupedGemmParams};
+use moe_kernels::{
+    ELEMENTWISE_THREADS, GEMM_ALIGN, GEMM_BK, GEMM_BM, GEMM_BN, GEMM_THREADS, GemmReduceParams,
+    GroupedGemmParams,
+};
 use moe_runtime::cuda::{self, DeviceView, DeviceViewMut, Grid, Kernel, Stream};
 
 use super::kernels::check_streams;
@@ -30,6 +33,70 @@ pub struct GroupedGemmShape {
     pub n: usize,
     /// The reduction depth.
     pub k: usize,
+    /// Slices of `K` computed by separate blocks (1: none; see [`split_k`]). With more
+    /// than one, the call needs an f32 workspace for the partial sums and adds a second
+    /// launch that sums them.
+    pub splits: usize,
+}
+
+/// The buffers of a grouped GEMM call.
+#[derive(Debug)]
+pub struct GroupedGemmOperands<'a> {
+    /// `[max_rows, K]` bf16 rows, in expert order.
+    pub a: DeviceView<'a, bf16>,
+    /// `[L, N, K]` bf16 weights (`[L, 2N, K]` for [`GemmEpilogue::SiluMul`]).
+    pub b: DeviceView<'a, bf16>,
+    /// `[L + 1]` `expert_first_token_offset`.
+    pub offsets: DeviceView<'a, i64>,
+    /// `[max_rows, N]` bf16 output.
+    pub c: DeviceViewMut<'a, bf16>,
+    /// The f32 workspace of a split call ([`split_workspace_len`] elements at least);
+    /// `None` without splits.
+    pub partials: Option<DeviceViewMut<'a, f32>>,
+}
+
+/// Most slices [`split_k`] chooses.
+pub const MAX_SPLITS: usize = 8;
+/// [`split_k`] splits calls of at most this many rows (decode sizes).
+pub const SPLIT_MAX_ROWS: usize = 16;
+
+/// f32 elements of the workspace a call of `shape` needs (0 without splits).
+pub fn split_workspace_len(epilogue: GemmEpilogue, shape: GroupedGemmShape) -> usize {
+    if shape.splits <= 1 {
+        return 0;
+    }
+    let width = match epilogue {
+        GemmEpilogue::Plain => shape.n,
+        GemmEpilogue::SiluMul => 2 * shape.n,
+    };
+    shape.splits * shape.max_rows * width
+}
+
+/// Slices of `K` for a call of `max_rows` rows over `experts` experts on a GPU of
+/// `multiprocessors` SMs: at decode sizes a grouped GEMM can have fewer blocks than the
+/// GPU holds at once (three an SM), and each block then walks all of `K` alone, with
+/// the SMs it leaves idle; splitting `K` fills them. 1 when the grid already fills the
+/// GPU twice, for more than [`SPLIT_MAX_ROWS`] rows, or when a slice would have fewer
+/// than four k-tiles.
+pub fn split_k(
+    epilogue: GemmEpilogue,
+    (max_rows, n, k): (usize, usize, usize),
+    experts: usize,
+    multiprocessors: usize,
+) -> usize {
+    if max_rows == 0 || max_rows > SPLIT_MAX_ROWS {
+        return 1;
+    }
+    let columns_per_tile = match epilogue {
+        GemmEpilogue::Plain => GEMM_BN,
+        GemmEpilogue::SiluMul => GEMM_BN / 2,
+    } as usize;
+    // Row tiles the call can have: one an expert with rows, at most.
+    let tiles = experts.min(max_rows).max(1) * n.div_ceil(columns_per_tile);
+    let target = 2 * 3 * multiprocessors;
+    let by_grid = target.div_ceil(tiles);
+    let by_depth = (k.div_ceil(GEMM_BK as usize) / 4).max(1);
+    by_grid.min(by_depth).clamp(1, MAX_SPLITS)
 }
 
 /// `c[r] = a[r] * b[e]^T` for every local expert `e` and its rows
@@ -42,12 +109,26 @@ pub fn grouped_gemm(
     stream: &Stream<'_>,
     epilogue: GemmEpilogue,
     shape: GroupedGemmShape,
-    a: DeviceView<'_, bf16>,
-    b: DeviceView<'_, bf16>,
-    offsets: DeviceView<'_, i64>,
-    c: DeviceViewMut<'_, bf16>,
+    operands: GroupedGemmOperands<'_>,
 ) -> Result<()> {
-    let GroupedGemmShape { max_rows, n, k } = shape;
+    let GroupedGemmOperands {
+        a,
+        b,
+        offsets,
+        c,
+        partials,
+    } = operands;
+    let GroupedGemmShape {
+        max_rows,
+        n,
+        k,
+        splits,
+    } = shape;
+    if !(1..=64).contains(&splits) {
+        return Err(ExpertsError::Config(format!(
+            "a grouped GEMM is split into 1 to 64 slices of K, not {splits}"
+        )));
+    }
     let align = GEMM_ALIGN as usize;
     if n == 0 || k == 0 || n % align != 0 || k % align != 0 {
         return Err(ExpertsError::Config(format!(
@@ -86,6 +167,21 @@ pub fn grouped_gemm(
         .checked_mul(weight_rows)
         .and_then(|x| x.checked_mul(k));
     exact("b", b.len(), weights, false)?;
+    let partials_address = if splits > 1 {
+        let Some(partials) = &partials else {
+            return Err(ExpertsError::Config(
+                "a split grouped GEMM needs a workspace for its partial sums".into(),
+            ));
+        };
+        let want = splits
+            .checked_mul(max_rows)
+            .and_then(|x| x.checked_mul(weight_rows));
+        exact("partials", partials.len(), want, true)?;
+        check_streams(stream, &[("partials", partials.stream())])?;
+        partials.address()
+    } else {
+        0
+    };
     check_streams(
         stream,
         &[
@@ -107,7 +203,10 @@ pub fn grouped_gemm(
         len: a.len(),
         expected: "fewer rows and columns than a grid and 32-bit indices can cover".into(),
     };
-    let blocks = m_slots.checked_mul(n_tiles).ok_or_else(too_large)?;
+    let blocks = m_slots
+        .checked_mul(n_tiles)
+        .and_then(|x| x.checked_mul(splits))
+        .ok_or_else(too_large)?;
     let (Ok(blocks), Ok(m_slots), Ok(num_experts), Ok(_), Ok(k32), Ok(rows)) = (
         u32::try_from(blocks),
         u32::try_from(m_slots),
@@ -131,7 +230,8 @@ pub fn grouped_gemm(
         n: n as u32,
         k: k32,
         max_rows: rows,
-        reserved: 0,
+        splits: splits as u32,
+        partials: partials_address,
     };
     let kernel = if gated {
         Kernel::GroupedGemmSiluBf16
@@ -143,9 +243,71 @@ pub fn grouped_gemm(
         threads: GEMM_THREADS,
     };
     // SAFETY: `a` holds `max_rows * K`, `c` `max_rows * N` and `b` `L * N_w * K` bf16,
-    // `offsets` `L + 1` i64 (checked); the kernel clamps every offset to
-    // `0..=max_rows`, and its 32-bit row and column indices fit (checked); every view
-    // is usable on `stream`.
+    // `offsets` `L + 1` i64, `partials` (split) `splits * max_rows * N_w` f32
+    // (checked); the kernel clamps every offset to `0..=max_rows`, and its 32-bit row
+    // and column indices fit (checked); every view is usable on `stream`.
     unsafe { cuda::launch(stream, kernel, grid, &params)? };
+    if splits > 1 {
+        let elements = (max_rows * n) as u64;
+        let reduce = GemmReduceParams {
+            partials: partials_address,
+            c: params.c,
+            offsets: params.offsets,
+            num_experts,
+            max_rows: rows,
+            n: n as u32,
+            splits: splits as u32,
+        };
+        let grid = Grid {
+            blocks: u32::try_from(elements.div_ceil(ELEMENTWISE_THREADS as u64))
+                .map_err(|_| too_large())?,
+            threads: ELEMENTWISE_THREADS,
+        };
+        let kernel = if gated {
+            Kernel::GemmReduceSiluBf16
+        } else {
+            Kernel::GemmReduceBf16
+        };
+        // SAFETY: the same buffers, checked above; a thread per element of `c`, rows
+        // past the valid count left alone; queued after the GEMM on the same stream.
+        unsafe { cuda::launch(stream, kernel, grid, &reduce)? };
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_k_fills_the_gpu_at_decode_sizes_only() {
+        // Mixtral's down projection for one token: 2 experts x 32 column tiles on 132
+        // SMs (396 resident blocks) is split; its gate/up projection already has 448
+        // tiles, so only a little.
+        assert!(split_k(GemmEpilogue::Plain, (2, 4096, 14336), 8, 132) >= 4);
+        assert!(split_k(GemmEpilogue::SiluMul, (2, 14336, 4096), 8, 132) <= 2);
+        // More rows than decode, a short K, no rows: not split.
+        assert_eq!(split_k(GemmEpilogue::Plain, (17, 4096, 14336), 8, 132), 1);
+        assert_eq!(split_k(GemmEpilogue::Plain, (2, 4096, 128), 8, 132), 1);
+        assert_eq!(split_k(GemmEpilogue::Plain, (0, 4096, 14336), 8, 132), 1);
+        // Never more than MAX_SPLITS, whatever the GPU.
+        assert_eq!(
+            split_k(GemmEpilogue::Plain, (1, 128, 1 << 20), 1, 10_000),
+            MAX_SPLITS
+        );
+        let shape = GroupedGemmShape {
+            max_rows: 3,
+            n: 64,
+            k: 256,
+            splits: 4,
+        };
+        assert_eq!(
+            split_workspace_len(GemmEpilogue::SiluMul, shape),
+            4 * 3 * 128
+        );
+        assert_eq!(
+            split_workspace_len(GemmEpilogue::Plain, GroupedGemmShape { splits: 1, ..shape }),
+            0
+        );
+    }
 }

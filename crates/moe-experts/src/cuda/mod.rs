@@ -27,7 +27,10 @@ use moe_runtime::size::product;
 use moe_runtime::{DType, ScratchConfig};
 
 pub use blas::{Blas, GemmOutput};
-pub use gemm::{GemmEpilogue, GroupedGemmShape, grouped_gemm};
+pub use gemm::{
+    GemmEpilogue, GroupedGemmOperands, GroupedGemmShape, MAX_SPLITS, SPLIT_MAX_ROWS, grouped_gemm,
+    split_k, split_workspace_len,
+};
 
 /// How [`CudaMoeBlock`] runs the expert GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +98,8 @@ struct Activations {
     gate_up: DeviceBuffer<bf16>,
     act: DeviceBuffer<bf16>,
     expert_out: DeviceBuffer<bf16>,
+    /// The split grouped GEMMs' f32 partial sums (decode sizes only; see `split_k`).
+    partials: DeviceBuffer<f32>,
     out: DeviceBuffer<bf16>,
     /// The shared expert's `[N, 2I_s]`, `[N, I_s]` and `[N, H]` (empty without one).
     shared_gate_up: DeviceBuffer<bf16>,
@@ -133,6 +138,13 @@ impl Activations {
             )?,
             act: zeros(device, len("activations (N * K * I)", &[entries, i])?)?,
             expert_out: zeros(device, rows)?,
+            partials: zeros(
+                device,
+                len(
+                    "split GEMM partial sums",
+                    &[MAX_SPLITS, entries.min(SPLIT_MAX_ROWS), (2 * i).max(h)],
+                )?,
+            )?,
             out: zeros(device, len("block output (N * H)", &[tokens, h])?)?,
             shared_gate_up: zeros(
                 device,
@@ -172,6 +184,8 @@ pub struct CudaMoeBlock {
     source: ScratchSource,
     activations: Option<Activations>,
     expert_gemm: ExpertGemm,
+    /// The GPU's SMs, for `split_k`.
+    multiprocessors: usize,
 }
 
 impl CudaMoeBlock {
@@ -238,6 +252,15 @@ impl CudaMoeBlock {
             }
             None => None,
         };
+        let multiprocessors = device
+            .context()
+            .attribute(
+                cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|source| moe_runtime::MoeError::Driver {
+                action: "read the GPU's multiprocessor count",
+                source,
+            })? as usize;
         Ok(Self {
             router_bias,
             shared,
@@ -247,6 +270,7 @@ impl CudaMoeBlock {
             blas: Blas::new(device)?,
             source: ScratchSource { workspace, request },
             activations: None,
+            multiprocessors,
             expert_gemm: if h % GEMM_ALIGN as usize == 0 && i % GEMM_ALIGN as usize == 0 {
                 ExpertGemm::Auto
             } else {
@@ -467,31 +491,42 @@ impl CudaMoeBlock {
         match self.expert_gemm.resolve(&self.config, tokens) {
             ExpertGemm::Grouped | ExpertGemm::Auto => {
                 let offsets = routed.expert_first_token_offset;
+                let sms = self.multiprocessors;
+                let gate_up = GroupedGemmShape {
+                    max_rows: entries,
+                    n: i,
+                    k: h,
+                    splits: split_k(GemmEpilogue::SiluMul, (entries, i, h), e, sms),
+                };
                 grouped_gemm(
                     stream,
                     GemmEpilogue::SiluMul,
-                    GroupedGemmShape {
-                        max_rows: entries,
-                        n: i,
-                        k: h,
+                    gate_up,
+                    GroupedGemmOperands {
+                        a: rows.prefix(entries * h),
+                        b: self.gate_up.view(),
+                        offsets,
+                        c: activations.act.view_mut().prefix(entries * i),
+                        partials: Some(activations.partials.view_mut()),
                     },
-                    rows.prefix(entries * h),
-                    self.gate_up.view(),
-                    offsets,
-                    activations.act.view_mut().prefix(entries * i),
                 )?;
+                let down = GroupedGemmShape {
+                    max_rows: entries,
+                    n: h,
+                    k: i,
+                    splits: split_k(GemmEpilogue::Plain, (entries, h, i), e, sms),
+                };
                 grouped_gemm(
                     stream,
                     GemmEpilogue::Plain,
-                    GroupedGemmShape {
-                        max_rows: entries,
-                        n: h,
-                        k: i,
+                    down,
+                    GroupedGemmOperands {
+                        a: activations.act.view().prefix(entries * i),
+                        b: self.down.view(),
+                        offsets,
+                        c: activations.expert_out.view_mut().prefix(entries * h),
+                        partials: Some(activations.partials.view_mut()),
                     },
-                    activations.act.view().prefix(entries * i),
-                    self.down.view(),
-                    offsets,
-                    activations.expert_out.view_mut().prefix(entries * h),
                 )?;
             }
             ExpertGemm::Cublas => {
