@@ -132,6 +132,7 @@ kernels! {
     GroupedGemmSiluBf16 => "grouped_gemm_silu_bf16", GroupedGemm;
     GemmReduceBf16 => "grouped_gemm_reduce_bf16", GemmReduce;
     GemmReduceSiluBf16 => "grouped_gemm_reduce_silu_bf16", GemmReduce;
+    AlignInverse => "align_inverse", AlignInverse;
 }
 
 impl Kernel {

@@ -401,6 +401,21 @@ pub struct GroupedGemmParams {
     /// `[splits, max_rows, W]` f32, `W` the weight rows of an expert (`N`, or `2N`
     /// gated: gate columns, then up columns); 0 without splits.
     pub partials: u64,
+    /// Aligned mode (Humming's indexed backend), when not 0: `[m_slots]` i32
+    /// `block_expert_ids` of `align` run with a block size of [`GEMM_BM`]. Slot `t` is
+    /// rows `64t..64t + 64` of expert `tile_experts[t]` (none when negative), up to
+    /// `rows_used`; `offsets` is then unused.
+    pub tile_experts: u64,
+    /// Aligned mode: one i32, align's `num_rows_post_padded` (clamped to `max_rows`).
+    pub rows_used: u64,
+    /// When not 0, `a` is gathered: row `r` of the tile is token `sorted_ids[r] / topk`
+    /// of `a` (`[tokens, K]`), and a row whose entry is `entries` or more (align's
+    /// padding) reads zeros.
+    pub sorted_ids: u64,
+    /// `K` of the routing (entries per token), for the gather.
+    pub topk: u32,
+    /// `N * K` of the routing: align's padding value, for the gather.
+    pub entries: u32,
 }
 
 /// The second step of a split grouped GEMM: `c[r, j]` from the sum, in split order, of
@@ -425,6 +440,27 @@ pub struct GemmReduceParams {
     pub splits: u32,
 }
 
+/// The combine's index of Humming's indexed backend: for each row `r` below align's
+/// `rows_used` whose entry `e = sorted_ids[r]` is below `entries`, `inv[e] = r`; and
+/// `valid[0] = rows_used` (clamped to `0..=max_rows`), the valid count unpermute reads.
+/// `inv` is filled beforehand with a value above any row (dropped entries keep it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AlignInverseParams {
+    /// `[max_rows]` i32 align `sorted_ids`.
+    pub sorted_ids: u64,
+    /// One i32, align's `num_rows_post_padded`.
+    pub rows_used: u64,
+    /// `[entries]` i32 output.
+    pub inv: u64,
+    /// One i64 output.
+    pub valid: u64,
+    /// `N * K`.
+    pub entries: u32,
+    /// Rows of `sorted_ids`.
+    pub max_rows: u32,
+}
+
 // Kernel arguments are copied byte for byte into the launch; pin their layout.
 const _: () = {
     use core::mem::{align_of, size_of};
@@ -439,8 +475,9 @@ const _: () = {
     assert!(size_of::<SiluMulParams>() == 24 && align_of::<SiluMulParams>() == 8);
     assert!(size_of::<GroupedRouterParams>() == 64 && align_of::<GroupedRouterParams>() == 8);
     assert!(size_of::<AddParams>() == 24 && align_of::<AddParams>() == 8);
-    assert!(size_of::<GroupedGemmParams>() == 64 && align_of::<GroupedGemmParams>() == 8);
+    assert!(size_of::<GroupedGemmParams>() == 96 && align_of::<GroupedGemmParams>() == 8);
     assert!(size_of::<GemmReduceParams>() == 40 && align_of::<GemmReduceParams>() == 8);
+    assert!(size_of::<AlignInverseParams>() == 40 && align_of::<AlignInverseParams>() == 8);
     assert!(GEMM_THREADS == 128 && GEMM_BM == 64 && GEMM_BN == 128 && GEMM_BK == 64);
     assert!(GEMM_SHARED_BYTES == 73728);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
@@ -469,6 +506,8 @@ pub enum ParamsKind {
     GroupedGemm,
     /// [`GemmReduceParams`].
     GemmReduce,
+    /// [`AlignInverseParams`].
+    AlignInverse,
 }
 
 /// A parameter block that crosses to the GPU as a kernel's one argument, by value.
@@ -518,4 +557,8 @@ unsafe impl KernelParams for GroupedGemmParams {
 // SAFETY: as above.
 unsafe impl KernelParams for GemmReduceParams {
     const KIND: ParamsKind = ParamsKind::GemmReduce;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for AlignInverseParams {
+    const KIND: ParamsKind = ParamsKind::AlignInverse;
 }

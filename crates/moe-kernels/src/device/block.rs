@@ -2,8 +2,8 @@
 
 use super::intrinsics::*;
 use crate::params::{
-    AddParams, ELEMENTWISE_THREADS, GroupedRouterParams, ROUTER_MAX_EXPERTS, ROUTER_THREADS,
-    RouterParams, SiluMulParams,
+    AddParams, AlignInverseParams, ELEMENTWISE_THREADS, GroupedRouterParams, ROUTER_MAX_EXPERTS,
+    ROUTER_THREADS, RouterParams, SiluMulParams,
 };
 use crate::routing;
 
@@ -305,5 +305,24 @@ pub(crate) unsafe fn silu_mul_bf16(p: &SiluMulParams) {
         let u = f32::from_bits((*gate_up.add((columns + column) as usize) as u32) << 16);
         let silu = g / (1.0 + exp(-g));
         *(p.out as *mut u16).add(index as usize) = f32_to_bf16(silu * u);
+    }
+}
+
+/// The indexed backend's combine index (see [`AlignInverseParams`]): a thread per row.
+pub(crate) unsafe fn align_inverse(p: &AlignInverseParams) {
+    let r = block() * ELEMENTWISE_THREADS + thread();
+    // SAFETY: one i32 at `rows_used`.
+    let used = unsafe { *(p.rows_used as *const i32) }.clamp(0, p.max_rows as i32) as u32;
+    if r == 0 {
+        // SAFETY: one i64 at `valid`.
+        unsafe { *(p.valid as *mut i64) = used as i64 };
+    }
+    if r < used {
+        // SAFETY: `r < used <= max_rows`, the length of `sorted_ids`.
+        let entry = unsafe { *(p.sorted_ids as *const i32).add(r as usize) } as u32;
+        if entry < p.entries {
+            // SAFETY: `entry < entries`, the length of `inv`.
+            unsafe { *(p.inv as *mut i32).add(entry as usize) = r as i32 };
+        }
     }
 }

@@ -201,6 +201,29 @@ unsafe fn find_tile(p: &GroupedGemmParams, slot: u32) {
     }
 }
 
+/// Aligned mode: slot `slot` is rows `64 slot..` of `tile_experts[slot]`, up to the
+/// rows align used.
+unsafe fn aligned_tile(p: &GroupedGemmParams, slot: u32) {
+    let words = tile_words();
+    // SAFETY: the caller's: `slot < m_slots` entries of `tile_experts`, one i32 at
+    // `rows_used`.
+    let (expert, used) = unsafe {
+        (
+            *(p.tile_experts as *const i32).add(slot as usize),
+            *(p.rows_used as *const i32),
+        )
+    };
+    let used = used.clamp(0, p.max_rows as i32) as u32;
+    let row0 = slot * GEMM_BM;
+    let valid = expert >= 0 && (expert as u32) < p.num_experts && row0 < used;
+    // SAFETY: three words of this module's shared memory.
+    unsafe {
+        *words = if valid { expert as u32 } else { u32::MAX };
+        *words.add(1) = row0;
+        *words.add(2) = used.min(row0 + GEMM_BM);
+    }
+}
+
 /// Queues the copies of k-tile `kt` into stage `stage`: the row tile (four chunks a
 /// thread) and the weight tile (eight).
 #[inline(always)]
@@ -220,9 +243,18 @@ unsafe fn load_stage<const GATED: bool>(
         let (row, chunk) = (c / CHUNKS, c % CHUNKS);
         let k = k0 + chunk * 8;
         let r = row0 + row;
-        let valid = r < row_end && k < p.k;
+        // The row of `a`: the tile's row, or in a gather its entry's token.
+        let (valid, source_row) = if r >= row_end || k >= p.k {
+            (false, 0)
+        } else if p.sorted_ids != 0 {
+            // SAFETY: `r < row_end <= max_rows`, the length of `sorted_ids`.
+            let entry = unsafe { *(p.sorted_ids as *const i32).add(r as usize) } as u32;
+            (entry < p.entries, entry / p.topk.max(1))
+        } else {
+            (true, r)
+        };
         let src = if valid {
-            p.a + (r as u64 * p.k as u64 + k as u64) * 2
+            p.a + (source_row as u64 * p.k as u64 + k as u64) * 2
         } else {
             p.a
         };
@@ -267,7 +299,13 @@ pub(crate) unsafe fn grouped_gemm_bf16<const GATED: bool>(p: &GroupedGemmParams)
     let tile_index = block() / p.splits;
     let slot = tile_index % p.m_slots;
     let col_tile = tile_index / p.m_slots;
-    if warp() == 0 {
+    if p.tile_experts != 0 {
+        if thread() == 0 {
+            // SAFETY: `slot < m_slots`, the length of `tile_experts`; one i32 at
+            // `rows_used`; the tile words are this module's.
+            unsafe { aligned_tile(p, slot) };
+        }
+    } else if warp() == 0 {
         // SAFETY: reads `L + 1` offsets; writes the tile words.
         unsafe { find_tile(p, slot) };
     }
