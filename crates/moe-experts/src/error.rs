@@ -103,7 +103,8 @@ pub enum ExpertsError {
         /// Why cuBLAS cannot be used.
         reason: String,
     },
-    /// The backend cannot run on this device (Humming's indexed variant on a GPU).
+    /// The backend cannot run on this device as configured (Humming's indexed variant on
+    /// a GPU needs align blocks of 64 rows).
     #[error("the {backend} backend cannot run on {device}: {reason}")]
     Unsupported {
         /// The backend's name.

@@ -102,7 +102,11 @@ fn the_gpu_block_matches_the_cpu_block() {
     let stream = device.stream(&cu_stream).unwrap();
     for (c, config) in configs().into_iter().enumerate() {
         let weights = MoeWeights::random(&config, 40 + c as u64).unwrap();
-        for kind in [ExpertsKind::Grouped, ExpertsKind::Humming] {
+        for kind in [
+            ExpertsKind::Grouped,
+            ExpertsKind::Humming,
+            ExpertsKind::HummingIndexed { block_size: 64 },
+        ] {
             let mut cpu_block =
                 CpuMoeBlock::new(config.clone(), &weights, kind, SharedWorkspace::new(), 64)
                     .unwrap();
@@ -165,7 +169,7 @@ fn the_gpu_block_matches_the_cpu_block() {
 }
 
 #[test]
-fn the_indexed_backend_is_refused_on_the_gpu() {
+fn the_indexed_backend_needs_align_blocks_of_the_gemm_tile_on_the_gpu() {
     let Some((device, _)) = gpu() else { return };
     let config = &configs()[0];
     let error = CudaMoeBlock::new(
@@ -478,14 +482,21 @@ fn the_whole_block_replays_as_one_cuda_graph_on_new_inputs() {
     };
     let stream = device.stream(&cu_stream).unwrap();
     let all = configs();
-    for config in [&all[1], &all[2], &all[3]] {
+    let kinds = [
+        ExpertsKind::Grouped,
+        ExpertsKind::HummingIndexed { block_size: 64 },
+    ];
+    for (config, kind) in [&all[1], &all[2], &all[3]]
+        .into_iter()
+        .flat_map(|c| kinds.map(|k| (c, k)))
+    {
         let weights = MoeWeights::random(config, 77).unwrap();
         let (h, k) = (config.hidden_size, config.top_k);
         let tokens = 40;
         let mut cpu_block = CpuMoeBlock::new(
             config.clone(),
             &weights,
-            ExpertsKind::Grouped,
+            kind,
             SharedWorkspace::new(),
             tokens,
         )
@@ -493,7 +504,7 @@ fn the_whole_block_replays_as_one_cuda_graph_on_new_inputs() {
         let mut gpu_block = CudaMoeBlock::new(
             config.clone(),
             &weights,
-            ExpertsKind::Grouped,
+            kind,
             device.clone(),
             SharedWorkspace::on_cuda_device(device.clone()),
             tokens,
@@ -526,10 +537,10 @@ fn the_whole_block_replays_as_one_cuda_graph_on_new_inputs() {
             let eager = gpu_block.forward(&stream, &hidden).unwrap();
             assert_eq!(out, eager.hidden_states, "the replay is the eager forward");
             let (alike, error) = compare(&eager, &want, h, k);
-            assert!(alike >= 0.97, "{config:?}: {alike} routed alike");
-            assert!(error < 1e-2, "{config:?}: relative error {error}");
+            assert!(alike >= 0.97, "{kind:?} {config:?}: {alike} routed alike");
+            assert!(error < 1e-2, "{kind:?} {config:?}: relative error {error}");
             eprintln!(
-                "graph replay H{h} E{} K{k}: relative error {error:.2e}, {:.0}% routed alike",
+                "graph replay {kind:?} H{h} E{} K{k}: relative error {error:.2e}, {:.0}% routed alike",
                 config.num_experts,
                 alike * 100.0
             );

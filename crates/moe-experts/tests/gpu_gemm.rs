@@ -11,7 +11,8 @@ use std::sync::Arc;
 use half::bf16;
 use moe_experts::ExpertsError;
 use moe_experts::cuda::{
-    GemmEpilogue, GroupedGemmOperands, GroupedGemmShape, grouped_gemm, split_workspace_len,
+    GemmEpilogue, GroupedGemmOperands, GroupedGemmShape, RowTiles, grouped_gemm,
+    split_workspace_len,
 };
 use moe_runtime::cuda::{CudaDevice, CudaStream, DeviceBuffer};
 
@@ -144,7 +145,7 @@ fn the_grouped_gemms_compute_each_experts_rows_as_the_cpu_does() {
             let operands = GroupedGemmOperands {
                 a: d_a.view(),
                 b: d_b.view(),
-                offsets: d_offsets.view(),
+                tiles: RowTiles::Offsets(d_offsets.view()),
                 c: d_c.view_mut(),
                 partials: Some(d_partials.view_mut()),
             };
@@ -195,7 +196,7 @@ fn the_grouped_gemm_refuses_what_it_cannot_compute() {
         let operands = GroupedGemmOperands {
             a: a.view(),
             b: b.view(),
-            offsets: offsets.view(),
+            tiles: RowTiles::Offsets(offsets.view()),
             c: c.view_mut(),
             partials: None,
         };

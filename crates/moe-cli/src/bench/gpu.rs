@@ -8,6 +8,7 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, sys};
 use half::bf16;
 use moe_experts::cuda::ExpertGemm;
 use moe_experts::{CudaMoeBlock, ExpertsKind, MoeWeights, SharedWorkspace};
+use moe_kernels::GEMM_BM;
 use moe_runtime::cuda::{
     self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceRowsMut,
     DeviceTopkIds, DeviceUnpermuteInput, StatusBuffer,
@@ -240,13 +241,25 @@ pub(crate) fn run(
         let weights = MoeWeights::repeating(&config, 7)?;
         let workspace = SharedWorkspace::on_cuda_device(device.clone());
         let mut block = CudaMoeBlock::new(
-            config,
+            config.clone(),
             &weights,
             ExpertsKind::Grouped,
             device.clone(),
             workspace.clone(),
             max_tokens,
         )?;
+        // Humming's indexed backend (align, gather GEMM), where the GPU runs it.
+        let mut indexed = CudaMoeBlock::new(
+            config,
+            &weights,
+            ExpertsKind::HummingIndexed {
+                block_size: GEMM_BM as usize,
+            },
+            device.clone(),
+            SharedWorkspace::on_cuda_device(device.clone()),
+            max_tokens,
+        )
+        .ok();
         drop(weights);
         for &n in block_tokens {
             progress.next(format_args!("{} N={n} block", shape.name));
@@ -268,6 +281,18 @@ pub(crate) fn run(
                 block.forward_device(&call_stream, sets[s].view())?;
                 Ok(())
             })?;
+            let indexed_us = match indexed.as_mut() {
+                Some(indexed) => {
+                    indexed.forward_device(&call_stream, sets[0].view())?;
+                    stream.synchronize()?;
+                    let (graph, eager) = time_calls(&stream, sets.len(), |s| {
+                        indexed.forward_device(&call_stream, sets[s].view())?;
+                        Ok(())
+                    })?;
+                    Some((graph.unwrap_or(eager), eager))
+                }
+                None => None,
+            };
             // The cuBLAS path waits on the host: wall clock around each call.
             block.set_expert_gemm(ExpertGemm::Cublas)?;
             let mut samples = Vec::new();
@@ -292,6 +317,13 @@ pub(crate) fn run(
                 rows.push(
                     Row::block(shape, n, "block", graph_us.unwrap_or(eager_us))
                         .with_eager_call(eager_us)
+                        .with_bytes(bytes),
+                );
+            }
+            if let Some((graph, eager)) = indexed_us {
+                rows.push(
+                    Row::block(shape, n, "block-indexed", graph)
+                        .with_eager_call(eager)
                         .with_bytes(bytes),
                 );
             }

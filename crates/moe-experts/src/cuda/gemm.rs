@@ -46,13 +46,39 @@ pub struct GroupedGemmOperands<'a> {
     pub a: DeviceView<'a, bf16>,
     /// `[L, N, K]` bf16 weights (`[L, 2N, K]` for [`GemmEpilogue::SiluMul`]).
     pub b: DeviceView<'a, bf16>,
-    /// `[L + 1]` `expert_first_token_offset`.
-    pub offsets: DeviceView<'a, i64>,
+    /// Where each row tile's expert comes from.
+    pub tiles: RowTiles<'a>,
     /// `[max_rows, N]` bf16 output.
     pub c: DeviceViewMut<'a, bf16>,
     /// The f32 workspace of a split call ([`split_workspace_len`] elements at least);
     /// `None` without splits.
     pub partials: Option<DeviceViewMut<'a, f32>>,
+}
+
+/// How a grouped GEMM finds each row tile's expert, on the device.
+#[derive(Debug)]
+pub enum RowTiles<'a> {
+    /// Rows in expert order (permute's): `[L + 1]` `expert_first_token_offset`.
+    Offsets(DeviceView<'a, i64>),
+    /// Rows in align's order, padded per expert to [`GEMM_BM`] (align run with that
+    /// block size): Humming's indexed backend.
+    Aligned(AlignedRows<'a>),
+}
+
+/// The outputs of `align` (block size [`GEMM_BM`]) a GEMM over its order reads.
+#[derive(Debug)]
+pub struct AlignedRows<'a> {
+    /// `[max_rows / 64]` i32: each 64-row tile's expert, negative past the used rows.
+    pub block_expert_ids: DeviceView<'a, i32>,
+    /// One i32: the rows align used.
+    pub num_rows_post_padded: DeviceView<'a, i32>,
+    /// `L`, the experts the weights hold.
+    pub num_experts: usize,
+    /// `Some((sorted_ids, topk))`: `a` is the tokens' hidden states `[tokens, K]`, and
+    /// row `r` of the GEMM reads token `sorted_ids[r] / topk` (zeros for align's
+    /// padding, entries of `tokens * topk` and more); `None`: `a` is already in align's
+    /// order.
+    pub gather: Option<(DeviceView<'a, i32>, usize)>,
 }
 
 /// Most slices [`split_k`] chooses.
@@ -114,7 +140,7 @@ pub fn grouped_gemm(
     let GroupedGemmOperands {
         a,
         b,
-        offsets,
+        tiles,
         c,
         partials,
     } = operands;
@@ -136,12 +162,26 @@ pub fn grouped_gemm(
              K = {k} (the model's hidden and intermediate sizes)"
         )));
     }
-    let Some(experts) = offsets.len().checked_sub(1).filter(|&l| l > 0) else {
-        return Err(ExpertsError::Shape {
-            tensor: "expert_first_token_offset",
-            len: offsets.len(),
-            expected: "L + 1 values for L >= 1 local experts".into(),
-        });
+    // The tiles' source: (experts, offsets, tile experts, rows used, gather).
+    let (experts, offsets, aligned) = match &tiles {
+        RowTiles::Offsets(offsets) => {
+            let Some(experts) = offsets.len().checked_sub(1).filter(|&l| l > 0) else {
+                return Err(ExpertsError::Shape {
+                    tensor: "expert_first_token_offset",
+                    len: offsets.len(),
+                    expected: "L + 1 values for L >= 1 local experts".into(),
+                });
+            };
+            (experts, Some(*offsets), None)
+        }
+        RowTiles::Aligned(rows) => {
+            if rows.num_experts == 0 || splits != 1 {
+                return Err(ExpertsError::Config(
+                    "a GEMM in align's order needs experts and takes no slices of K".into(),
+                ));
+            }
+            (rows.num_experts, None, Some(rows))
+        }
     };
     let gated = epilogue == GemmEpilogue::SiluMul;
     let weight_rows = if gated { 2 * n } else { n };
@@ -161,7 +201,13 @@ pub fn grouped_gemm(
             })
         }
     };
-    exact("a", a.len(), max_rows.checked_mul(k), true)?;
+    let gathered = aligned.is_some_and(|rows| rows.gather.is_some());
+    if gathered {
+        // The tokens' rows, whole ones.
+        exact("a", a.len(), Some(a.len() / k * k), false)?;
+    } else {
+        exact("a", a.len(), max_rows.checked_mul(k), true)?;
+    }
     exact("c", c.len(), max_rows.checked_mul(n), true)?;
     let weights = experts
         .checked_mul(weight_rows)
@@ -184,18 +230,64 @@ pub fn grouped_gemm(
     };
     check_streams(
         stream,
-        &[
-            ("a", a.stream()),
-            ("b", b.stream()),
-            ("expert_first_token_offset", offsets.stream()),
-            ("c", c.stream()),
-        ],
+        &[("a", a.stream()), ("b", b.stream()), ("c", c.stream())],
     )?;
+    let (mut tile_experts, mut rows_used, mut sorted_ids, mut topk, mut entries) =
+        (0, 0, 0, 0u32, 0u32);
+    let m_slots = match (offsets, aligned) {
+        (Some(offsets), _) => {
+            check_streams(stream, &[("expert_first_token_offset", offsets.stream())])?;
+            // Every expert adds at most one partial tile to the full ones.
+            max_rows.div_ceil(GEMM_BM as usize) + experts.min(max_rows)
+        }
+        (None, Some(rows)) => {
+            let tiles = max_rows.div_ceil(GEMM_BM as usize);
+            exact(
+                "block_expert_ids",
+                rows.block_expert_ids.len(),
+                Some(tiles),
+                true,
+            )?;
+            exact(
+                "num_rows_post_padded",
+                rows.num_rows_post_padded.len(),
+                Some(1),
+                true,
+            )?;
+            check_streams(
+                stream,
+                &[
+                    ("block_expert_ids", rows.block_expert_ids.stream()),
+                    ("num_rows_post_padded", rows.num_rows_post_padded.stream()),
+                ],
+            )?;
+            tile_experts = rows.block_expert_ids.address();
+            rows_used = rows.num_rows_post_padded.address();
+            if let Some((ids, k_route)) = &rows.gather {
+                exact("sorted_ids", ids.len(), Some(max_rows), true)?;
+                check_streams(stream, &[("sorted_ids", ids.stream())])?;
+                // `a` holds the tokens; align pads with `tokens * topk`.
+                let tokens = a.len() / k;
+                let (Ok(t), Ok(e)) = (
+                    u32::try_from(*k_route),
+                    u32::try_from(tokens.saturating_mul(*k_route)),
+                ) else {
+                    return Err(ExpertsError::Config(
+                        "the routing's entries do not fit in 32 bits".into(),
+                    ));
+                };
+                if t == 0 {
+                    return Err(ExpertsError::Config("a gather needs top_k >= 1".into()));
+                }
+                (sorted_ids, topk, entries) = (ids.address(), t, e);
+            }
+            tiles
+        }
+        (None, None) => unreachable!("every RowTiles has a source"),
+    };
     if max_rows == 0 {
         return Ok(());
     }
-    // Every expert adds at most one partial tile to the full ones.
-    let m_slots = max_rows.div_ceil(GEMM_BM as usize) + experts.min(max_rows);
     let columns_per_tile = if gated { GEMM_BN / 2 } else { GEMM_BN } as usize;
     let n_tiles = n.div_ceil(columns_per_tile);
     let too_large = || ExpertsError::Shape {
@@ -224,7 +316,7 @@ pub fn grouped_gemm(
         a: a.address(),
         b: b.address(),
         c: c.address(),
-        offsets: offsets.address(),
+        offsets: offsets.map_or(0, |o| o.address()),
         num_experts,
         m_slots,
         n: n as u32,
@@ -232,6 +324,11 @@ pub fn grouped_gemm(
         max_rows: rows,
         splits: splits as u32,
         partials: partials_address,
+        tile_experts,
+        rows_used,
+        sorted_ids,
+        topk,
+        entries,
     };
     let kernel = if gated {
         Kernel::GroupedGemmSiluBf16

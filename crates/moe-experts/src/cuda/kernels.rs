@@ -3,8 +3,8 @@
 
 use half::bf16;
 use moe_kernels::{
-    AddParams, ELEMENTWISE_THREADS, GroupedRouterParams, ROUTER_MAX_EXPERTS, ROUTER_MAX_GROUPS,
-    ROUTER_MAX_TOP_K, ROUTER_THREADS, RouterParams, SiluMulParams,
+    AddParams, AlignInverseParams, ELEMENTWISE_THREADS, GroupedRouterParams, ROUTER_MAX_EXPERTS,
+    ROUTER_MAX_GROUPS, ROUTER_MAX_TOP_K, ROUTER_THREADS, RouterParams, SiluMulParams,
 };
 use moe_runtime::cuda::{self, DeviceView, DeviceViewMut, Grid, Kernel, Stream};
 
@@ -323,4 +323,70 @@ pub fn copy_device<T: cuda::DeviceRepr>(
         }
         .into()
     })
+}
+
+/// The combine index of Humming's indexed backend from align's outputs: `inv[e]` =
+/// the row of entry `e` in `sorted_ids` (a value above every row for an entry align
+/// dropped), and `valid[0]` = align's `num_rows_post_padded` as the i64 valid count
+/// unpermute reads. On `stream`; no host wait.
+pub fn align_inverse(
+    stream: &Stream<'_>,
+    sorted_ids: DeviceView<'_, i32>,
+    num_rows_post_padded: DeviceView<'_, i32>,
+    inv: DeviceViewMut<'_, i32>,
+    valid: DeviceViewMut<'_, i64>,
+) -> Result<()> {
+    too_small("num_rows_post_padded", num_rows_post_padded.len(), Some(1))?;
+    too_small("valid", valid.len(), Some(1))?;
+    check_streams(
+        stream,
+        &[
+            ("sorted_ids", sorted_ids.stream()),
+            ("num_rows_post_padded", num_rows_post_padded.stream()),
+            ("inv", inv.stream()),
+            ("valid", valid.stream()),
+        ],
+    )?;
+    let (Ok(entries), Ok(max_rows)) = (u32::try_from(inv.len()), u32::try_from(sorted_ids.len()))
+    else {
+        return Err(ExpertsError::Shape {
+            tensor: "sorted_ids",
+            len: sorted_ids.len(),
+            expected: "fewer rows than 32-bit indices can address".into(),
+        });
+    };
+    bind(stream.device())?;
+    if !inv.is_empty() {
+        // SAFETY: `inv` is `len` i32 of the stream's device, usable on `stream`
+        // (checked); the fill is queued before the kernel on the same stream.
+        unsafe {
+            cuda::cudarc::driver::result::memset_d8_async(
+                inv.address(),
+                0x7f,
+                inv.len() * size_of::<i32>(),
+                stream.cu_stream(),
+            )
+        }
+        .map_err(|source| moe_runtime::MoeError::Driver {
+            action: "fill the combine index",
+            source,
+        })?;
+    }
+    let params = AlignInverseParams {
+        sorted_ids: sorted_ids.address(),
+        rows_used: num_rows_post_padded.address(),
+        inv: inv.address(),
+        valid: valid.address(),
+        entries,
+        max_rows,
+    };
+    let grid = Grid {
+        blocks: max_rows.div_ceil(ELEMENTWISE_THREADS).max(1),
+        threads: ELEMENTWISE_THREADS,
+    };
+    // SAFETY: `sorted_ids` holds `max_rows` and `inv` `entries` i32, `valid` one i64,
+    // `num_rows_post_padded` one i32 (checked); a thread per row; every view is usable
+    // on `stream`.
+    unsafe { cuda::launch(stream, Kernel::AlignInverse, grid, &params)? };
+    Ok(())
 }

@@ -18,7 +18,7 @@ mod kernels;
 use std::sync::Arc;
 
 use half::bf16;
-use moe_kernels::GEMM_ALIGN;
+use moe_kernels::{GEMM_ALIGN, GEMM_BM};
 use moe_runtime::cuda::{
     self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteDest, DevicePermuteInput,
     DeviceRows, DeviceRowsMut, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, Stream,
@@ -28,8 +28,8 @@ use moe_runtime::{DType, ScratchConfig};
 
 pub use blas::{Blas, GemmOutput};
 pub use gemm::{
-    GemmEpilogue, GroupedGemmOperands, GroupedGemmShape, MAX_SPLITS, SPLIT_MAX_ROWS, grouped_gemm,
-    split_k, split_workspace_len,
+    AlignedRows, GemmEpilogue, GroupedGemmOperands, GroupedGemmShape, MAX_SPLITS, RowTiles,
+    SPLIT_MAX_ROWS, grouped_gemm, split_k, split_workspace_len,
 };
 
 /// How [`CudaMoeBlock`] runs the expert GEMMs.
@@ -73,7 +73,7 @@ impl ExpertGemm {
         }
     }
 }
-pub use kernels::{add_bf16, copy_device, router_grouped, router_topk, silu_mul};
+pub use kernels::{add_bf16, align_inverse, copy_device, router_grouped, router_topk, silu_mul};
 
 use crate::shared::{ScratchGuard, ScratchSource, SharedWorkspace};
 use crate::{BlockOutput, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Result, Routing};
@@ -98,6 +98,9 @@ struct Activations {
     gate_up: DeviceBuffer<bf16>,
     act: DeviceBuffer<bf16>,
     expert_out: DeviceBuffer<bf16>,
+    /// The indexed backend's combine index `[N * K]` and valid count (one i64).
+    inv: DeviceBuffer<i32>,
+    valid: DeviceBuffer<i64>,
     /// The split grouped GEMMs' f32 partial sums (decode sizes only; see `split_k`).
     partials: DeviceBuffer<f32>,
     out: DeviceBuffer<bf16>,
@@ -108,7 +111,14 @@ struct Activations {
 }
 
 impl Activations {
-    fn new(device: &CudaDevice, config: &MoeConfig, tokens: usize, grouped: bool) -> Result<Self> {
+    fn new(
+        device: &CudaDevice,
+        config: &MoeConfig,
+        tokens: usize,
+        kind: ExpertsKind,
+    ) -> Result<Self> {
+        let grouped = kind == ExpertsKind::Grouped;
+        let indexed = matches!(kind, ExpertsKind::HummingIndexed { .. });
         let (h, i, e, k) = (
             config.hidden_size,
             config.intermediate_size,
@@ -119,7 +129,21 @@ impl Activations {
         // length is checked.
         let len = |quantity, factors: &[usize]| product(quantity, factors);
         let entries = len("activation entries (N * K)", &[tokens, k])?;
+        // The expert GEMMs' rows: permute's `N * K`, or align's order padded per expert
+        // to the GEMM's 64-row tiles (at most one partial tile an expert with rows).
+        let gemm_rows = if indexed {
+            let padding = len("align padding", &[e.min(entries), GEMM_BM as usize - 1])?;
+            entries
+                .checked_add(padding)
+                .ok_or_else(|| moe_runtime::MoeError::SizeOverflow {
+                    quantity: "align's padded rows",
+                    factors: vec![entries, e, GEMM_BM as usize],
+                })?
+        } else {
+            entries
+        };
         let rows = len("permuted activations (N * K * H)", &[entries, h])?;
+        let gemm_out = len("expert outputs (rows * H)", &[gemm_rows, h])?;
         let (s, shared) = (
             config.shared_intermediate_size,
             config.shared_intermediate_size > 0,
@@ -136,8 +160,10 @@ impl Activations {
                 device,
                 len("gate/up activations (N * K * 2I)", &[entries, 2, i])?,
             )?,
-            act: zeros(device, len("activations (N * K * I)", &[entries, i])?)?,
-            expert_out: zeros(device, rows)?,
+            act: zeros(device, len("activations (N * K * I)", &[gemm_rows, i])?)?,
+            expert_out: zeros(device, gemm_out)?,
+            inv: zeros(device, if indexed { entries } else { 0 })?,
+            valid: zeros(device, 1)?,
             partials: zeros(
                 device,
                 len(
@@ -220,12 +246,20 @@ impl CudaMoeBlock {
         let request = match kind {
             ExpertsKind::Grouped => request,
             ExpertsKind::Humming => request.with_rows(config.hidden_size, DType::BF16),
-            ExpertsKind::HummingIndexed { .. } => {
-                return Err(ExpertsError::Unsupported {
-                    backend: "humming-indexed",
-                    device: device.device(),
-                    reason: "its GEMMs gather rows by index, which cuBLAS cannot do, and the project has no gather GEMM kernel yet",
-                });
+            ExpertsKind::HummingIndexed { block_size } => {
+                // The gather GEMM's row tiles are align's blocks.
+                let align = GEMM_ALIGN as usize;
+                if block_size != GEMM_BM as usize
+                    || config.hidden_size % align != 0
+                    || config.intermediate_size % align != 0
+                {
+                    return Err(ExpertsError::Unsupported {
+                        backend: "humming-indexed",
+                        device: device.device(),
+                        reason: "on the GPU it runs align with a block size of 64 (the grouped GEMM's row tile) and needs hidden and intermediate sizes that are multiples of 8",
+                    });
+                }
+                request.with_align_block_size(block_size)
             }
         };
         let (h, i, e) = (
@@ -292,6 +326,11 @@ impl CudaMoeBlock {
     pub fn set_expert_gemm(&mut self, gemm: ExpertGemm) -> Result<()> {
         let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
         let align = GEMM_ALIGN as usize;
+        if gemm == ExpertGemm::Cublas && matches!(self.kind, ExpertsKind::HummingIndexed { .. }) {
+            return Err(ExpertsError::Config(
+                "the indexed backend gathers its rows in the grouped GEMM; cuBLAS cannot".into(),
+            ));
+        }
         if gemm != ExpertGemm::Cublas && (h % align != 0 || i % align != 0) {
             return Err(ExpertsError::Config(format!(
                 "the grouped expert GEMMs need the hidden ({h}) and intermediate ({i}) sizes \
@@ -410,9 +449,8 @@ impl CudaMoeBlock {
     fn reserve(&mut self, tokens: usize) -> Result<()> {
         if self.activations.as_ref().is_none_or(|a| a.tokens < tokens) {
             let size = tokens.max(self.source.request.max_num_tokens);
-            let grouped = self.kind == ExpertsKind::Grouped;
             self.activations = None;
-            let activations = Activations::new(self.blas.device(), &self.config, size, grouped)?;
+            let activations = Activations::new(self.blas.device(), &self.config, size, self.kind)?;
             self.activations = Some(activations);
         }
         Ok(())
@@ -464,106 +502,183 @@ impl CudaMoeBlock {
             }
         }
 
-        // Permute, into the backend's own buffer or the scratch's.
         let mut scratch = self.source.get(tokens)?;
-        let input = DevicePermuteInput::new(
-            DeviceRows::new(hidden, h)?,
-            DeviceTopkIds::new(
+        if let ExpertsKind::HummingIndexed { .. } = self.kind {
+            // Humming's indexed backend: align sorts the entries (no row moves), the
+            // gate/up GEMM gathers each row from the hidden states by its entry, the
+            // down GEMM runs in align's order, and unpermute combines through the
+            // inverse of `sorted_ids`.
+            let ids = DeviceTopkIds::new(
                 DeviceExpertIds::I32(activations.topk_ids.view().prefix(entries)),
                 k,
-            )?,
-        );
-        let routed = match self.kind {
-            ExpertsKind::Grouped => {
-                let dest = DevicePermuteDest {
-                    hidden_states: DeviceRowsMut::new(
-                        activations.permuted.view_mut().prefix(entries * h),
-                        h,
-                    )?,
-                    scales: None,
-                };
-                cuda::permute_into(&mut scratch, stream, &input, dest)?
-            }
-            _ => cuda::permute(&mut scratch, stream, &input)?,
-        };
-        let rows = routed.permuted_hidden_states.typed::<bf16>()?;
-
-        match self.expert_gemm.resolve(&self.config, tokens) {
-            ExpertGemm::Grouped | ExpertGemm::Auto => {
-                let offsets = routed.expert_first_token_offset;
-                let sms = self.multiprocessors;
-                let gate_up = GroupedGemmShape {
-                    max_rows: entries,
+            )?;
+            let aligned = cuda::align(&mut scratch, stream, &ids, None)?;
+            let len = aligned.sorted_ids.len();
+            let tiles = |gather| {
+                RowTiles::Aligned(AlignedRows {
+                    block_expert_ids: aligned.block_expert_ids,
+                    num_rows_post_padded: aligned.num_rows_post_padded,
+                    num_experts: e,
+                    gather,
+                })
+            };
+            grouped_gemm(
+                stream,
+                GemmEpilogue::SiluMul,
+                GroupedGemmShape {
+                    max_rows: len,
                     n: i,
                     k: h,
-                    splits: split_k(GemmEpilogue::SiluMul, (entries, i, h), e, sms),
-                };
-                grouped_gemm(
-                    stream,
-                    GemmEpilogue::SiluMul,
-                    gate_up,
-                    GroupedGemmOperands {
-                        a: rows.prefix(entries * h),
-                        b: self.gate_up.view(),
-                        offsets,
-                        c: activations.act.view_mut().prefix(entries * i),
-                        partials: Some(activations.partials.view_mut()),
-                    },
-                )?;
-                let down = GroupedGemmShape {
-                    max_rows: entries,
+                    splits: 1,
+                },
+                GroupedGemmOperands {
+                    a: hidden,
+                    b: self.gate_up.view(),
+                    tiles: tiles(Some((aligned.sorted_ids, k))),
+                    c: activations.act.view_mut().prefix(len * i),
+                    partials: None,
+                },
+            )?;
+            grouped_gemm(
+                stream,
+                GemmEpilogue::Plain,
+                GroupedGemmShape {
+                    max_rows: len,
                     n: h,
                     k: i,
-                    splits: split_k(GemmEpilogue::Plain, (entries, h, i), e, sms),
-                };
-                grouped_gemm(
-                    stream,
-                    GemmEpilogue::Plain,
-                    down,
-                    GroupedGemmOperands {
-                        a: activations.act.view().prefix(entries * i),
-                        b: self.down.view(),
-                        offsets,
-                        c: activations.expert_out.view_mut().prefix(entries * h),
-                        partials: Some(activations.partials.view_mut()),
-                    },
-                )?;
-            }
-            ExpertGemm::Cublas => {
-                // The one host wait of this path: each expert's row count.
-                let offsets = routed.expert_first_token_offset.to_host(stream)?;
-                let weights = (self.gate_up.view(), self.down.view());
-                let buffers = (
-                    &mut activations.gate_up,
-                    &mut activations.act,
-                    &mut activations.expert_out,
-                );
-                cublas_experts(
-                    &mut self.blas,
-                    stream,
-                    &offsets,
-                    rows,
-                    weights,
-                    buffers,
-                    (h, i),
-                )?;
-            }
-        }
+                    splits: 1,
+                },
+                GroupedGemmOperands {
+                    a: activations.act.view().prefix(len * i),
+                    b: self.down.view(),
+                    tiles: tiles(None),
+                    c: activations.expert_out.view_mut().prefix(len * h),
+                    partials: None,
+                },
+            )?;
+            align_inverse(
+                stream,
+                aligned.sorted_ids,
+                aligned.num_rows_post_padded,
+                activations.inv.view_mut().prefix(entries),
+                activations.valid.view_mut(),
+            )?;
+            let combine = DeviceUnpermuteInput {
+                permuted_hidden_states: DeviceRows::new(
+                    activations.expert_out.view().prefix(len * h),
+                    h,
+                )?,
+                inv_permuted_idx: activations.inv.view().prefix(entries),
+                expert_first_token_offset: activations.valid.view(),
+                topk_weights: activations.topk_weights.view().prefix(entries),
+                topk: k,
+                status: aligned.status,
+            };
+            let out = DeviceRowsMut::new(activations.out.view_mut().prefix(tokens * h), h)?;
+            cuda::unpermute_into(stream, &combine, out)?;
+        } else {
+            // Permute, into the backend's own buffer or the scratch's.
+            let input = DevicePermuteInput::new(
+                DeviceRows::new(hidden, h)?,
+                DeviceTopkIds::new(
+                    DeviceExpertIds::I32(activations.topk_ids.view().prefix(entries)),
+                    k,
+                )?,
+            );
+            let routed = match self.kind {
+                ExpertsKind::Grouped => {
+                    let dest = DevicePermuteDest {
+                        hidden_states: DeviceRowsMut::new(
+                            activations.permuted.view_mut().prefix(entries * h),
+                            h,
+                        )?,
+                        scales: None,
+                    };
+                    cuda::permute_into(&mut scratch, stream, &input, dest)?
+                }
+                _ => cuda::permute(&mut scratch, stream, &input)?,
+            };
+            let rows = routed.permuted_hidden_states.typed::<bf16>()?;
 
-        // The weighted combine.
-        let combine = DeviceUnpermuteInput {
-            permuted_hidden_states: DeviceRows::new(
-                activations.expert_out.view().prefix(entries * h),
-                h,
-            )?,
-            inv_permuted_idx: routed.inv_permuted_idx,
-            expert_first_token_offset: routed.expert_first_token_offset,
-            topk_weights: activations.topk_weights.view().prefix(entries),
-            topk: k,
-            status: routed.status,
-        };
-        let out = DeviceRowsMut::new(activations.out.view_mut().prefix(tokens * h), h)?;
-        cuda::unpermute_into(stream, &combine, out)?;
+            match self.expert_gemm.resolve(&self.config, tokens) {
+                ExpertGemm::Grouped | ExpertGemm::Auto => {
+                    let offsets = || RowTiles::Offsets(routed.expert_first_token_offset);
+                    let sms = self.multiprocessors;
+                    let gate_up = GroupedGemmShape {
+                        max_rows: entries,
+                        n: i,
+                        k: h,
+                        splits: split_k(GemmEpilogue::SiluMul, (entries, i, h), e, sms),
+                    };
+                    grouped_gemm(
+                        stream,
+                        GemmEpilogue::SiluMul,
+                        gate_up,
+                        GroupedGemmOperands {
+                            a: rows.prefix(entries * h),
+                            b: self.gate_up.view(),
+                            tiles: offsets(),
+                            c: activations.act.view_mut().prefix(entries * i),
+                            partials: Some(activations.partials.view_mut()),
+                        },
+                    )?;
+                    let down = GroupedGemmShape {
+                        max_rows: entries,
+                        n: h,
+                        k: i,
+                        splits: split_k(GemmEpilogue::Plain, (entries, h, i), e, sms),
+                    };
+                    grouped_gemm(
+                        stream,
+                        GemmEpilogue::Plain,
+                        down,
+                        GroupedGemmOperands {
+                            a: activations.act.view().prefix(entries * i),
+                            b: self.down.view(),
+                            tiles: offsets(),
+                            c: activations.expert_out.view_mut().prefix(entries * h),
+                            partials: Some(activations.partials.view_mut()),
+                        },
+                    )?;
+                }
+                ExpertGemm::Cublas => {
+                    // The one host wait of this path: each expert's row count.
+                    let offsets = routed.expert_first_token_offset.to_host(stream)?;
+                    let weights = (self.gate_up.view(), self.down.view());
+                    let buffers = (
+                        &mut activations.gate_up,
+                        &mut activations.act,
+                        &mut activations.expert_out,
+                    );
+                    cublas_experts(
+                        &mut self.blas,
+                        stream,
+                        &offsets,
+                        rows,
+                        weights,
+                        buffers,
+                        (h, i),
+                    )?;
+                }
+            }
+
+            // The weighted combine.
+            let combine = DeviceUnpermuteInput {
+                permuted_hidden_states: DeviceRows::new(
+                    activations.expert_out.view().prefix(entries * h),
+                    h,
+                )?,
+                inv_permuted_idx: routed.inv_permuted_idx,
+                expert_first_token_offset: routed.expert_first_token_offset,
+                topk_weights: activations.topk_weights.view().prefix(entries),
+                topk: k,
+                status: routed.status,
+            };
+            let out = DeviceRowsMut::new(activations.out.view_mut().prefix(tokens * h), h)?;
+            cuda::unpermute_into(stream, &combine, out)?;
+        }
+        drop(scratch);
+        let activations = self.activations.as_mut().expect("reserved by the caller");
 
         // The shared expert, on every token, added as two bf16 tensors add.
         if let Some((gate_up, down)) = &self.shared {
