@@ -156,11 +156,18 @@ pub(crate) fn run(
             let config =
                 ScratchConfig::new(n, shape.topk, shape.experts, shape.experts, device.device())
                     .with_rows(shape.hidden, DType::BF16);
-            let mut scratch = PermuteScratch::with_cuda_device(config, device.clone())?;
+            // A scratch per input set: between two MoE layers the attention and expert
+            // GEMMs evict the L2, so a layer's permute writes outputs that are not in
+            // it; rotating the scratches with the inputs measures that (one reused
+            // scratch kept its outputs in the L2).
+            let mut scratches: Vec<PermuteScratch> = (0..sets)
+                .map(|_| Ok(PermuteScratch::with_cuda_device(config.clone(), device.clone())?))
+                .collect::<anyhow::Result<_>>()?;
             let (scratch_graph, scratch_eager) = time_calls(&stream, sets, |s| {
-                cuda::permute(&mut scratch, &call_stream, &device_sets[s].input(shape)?)?;
+                cuda::permute(&mut scratches[s], &call_stream, &device_sets[s].input(shape)?)?;
                 Ok(())
             })?;
+            drop(scratches);
             let (alloc_graph, alloc_eager) = time_calls(&stream, sets, |s| {
                 cuda::allocating::permute(
                     &device,
@@ -336,7 +343,7 @@ pub(crate) fn run(
         card,
         copy_gb_per_s,
         method: format!(
-            "bf16; permute/unpermute: median of 7 replays of a CUDA graph of back-to-back calls rotating over input sets that touch >= 3x L2 ({} MiB), eager launches also shown; block: the grouped-GEMM block by CUDA-graph replay of one call per input set (4 sets, eager beside it), block-cublas (expert GEMMs on cuBLAS after a host wait) by wall clock around a call, median of 8, GB/s = weight bytes it must read (router, shared expert, experts chosen) / time; copy: 1 GiB device-to-device",
+            "bf16; permute/unpermute: median of 7 replays of a CUDA graph of back-to-back calls rotating over input sets that touch >= 3x L2 ({} MiB), permute's outputs rotating too (a scratch per set), eager launches also shown; block: the grouped-GEMM block by CUDA-graph replay of one call per input set (4 sets, eager beside it), block-cublas (expert GEMMs on cuBLAS after a host wait) by wall clock around a call, median of 8, GB/s = weight bytes it must read (router, shared expert, experts chosen) / time; copy: 1 GiB device-to-device",
             l2 >> 20
         ),
         rows,
