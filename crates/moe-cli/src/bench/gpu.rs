@@ -161,10 +161,19 @@ pub(crate) fn run(
             // it; rotating the scratches with the inputs measures that (one reused
             // scratch kept its outputs in the L2).
             let mut scratches: Vec<PermuteScratch> = (0..sets)
-                .map(|_| Ok(PermuteScratch::with_cuda_device(config.clone(), device.clone())?))
+                .map(|_| {
+                    Ok(PermuteScratch::with_cuda_device(
+                        config.clone(),
+                        device.clone(),
+                    )?)
+                })
                 .collect::<anyhow::Result<_>>()?;
             let (scratch_graph, scratch_eager) = time_calls(&stream, sets, |s| {
-                cuda::permute(&mut scratches[s], &call_stream, &device_sets[s].input(shape)?)?;
+                cuda::permute(
+                    &mut scratches[s],
+                    &call_stream,
+                    &device_sets[s].input(shape)?,
+                )?;
                 Ok(())
             })?;
             drop(scratches);
