@@ -302,27 +302,7 @@ pub fn copy_device<T: cuda::DeviceRepr>(
 ) -> Result<()> {
     too_small("dst", dst.len(), Some(src.len()))?;
     check_streams(stream, &[("src", src.stream()), ("dst", dst.stream())])?;
-    if src.is_empty() {
-        return Ok(());
-    }
-    bind(stream.device())?;
-    // SAFETY: both ranges are device memory of at least `src.len()` elements (checked
-    // above), usable on `stream`; the views' borrows keep them alive and unaliased.
-    unsafe {
-        cuda::cudarc::driver::result::memcpy_dtod_async(
-            dst.address(),
-            src.address(),
-            src.len() * size_of::<T>(),
-            stream.cu_stream(),
-        )
-    }
-    .map_err(|source| {
-        moe_runtime::MoeError::Driver {
-            action: "copy device memory",
-            source,
-        }
-        .into()
-    })
+    Ok(src.copy_into(dst.prefix(src.len()), stream)?)
 }
 
 /// The combine index of Humming's indexed backend from align's outputs: `inv[e]` =

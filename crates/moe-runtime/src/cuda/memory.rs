@@ -372,49 +372,6 @@ impl<'a, T: DeviceRepr> DeviceViewMut<'a, T> {
         }
     }
 
-    /// Queues a copy of the view into `dst` (the same length) on `stream`, where
-    /// both may be used; no host wait.
-    pub fn copy_into(&self, dst: DeviceViewMut<'_, T>, stream: &Stream<'_>) -> Result<()> {
-        self.binding.check("copy source", stream)?;
-        dst.binding.check("copy destination", stream)?;
-        for (tensor, view) in [
-            ("copy source", self.ordinal),
-            ("copy destination", dst.ordinal),
-        ] {
-            if view != stream.device().ordinal() {
-                return Err(ScratchMismatch::Device {
-                    tensor,
-                    expected: stream.device().device(),
-                    got: Device::Cuda(view),
-                }
-                .into());
-            }
-        }
-        if dst.len != self.len {
-            return Err(MoeError::Shape {
-                tensor: "copy destination",
-                len: dst.len,
-                expected: format!("{} elements, as many as the source", self.len),
-            });
-        }
-        if self.len > 0 {
-            stream.device().bind_to_thread()?;
-            // SAFETY: both views are `len` elements of `T` on the stream's device,
-            // usable on `stream` (checked), and borrowed for the call, so alive.
-            unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    dst.address,
-                    self.address,
-                    self.len * size_of::<T>(),
-                    stream.cu_stream(),
-                )
-            }
-            .map_err(driver_error("copy device memory"))?;
-        }
-        self.binding.record(stream)?;
-        dst.binding.record(stream)
-    }
-
     /// Reinterprets the view as bytes.
     pub(crate) fn bytes(self) -> DeviceViewMut<'a, u8> {
         DeviceViewMut {
