@@ -4,8 +4,6 @@
 //! Without a GPU every test prints why and passes; with `MOE_REQUIRE_GPU=1` a missing
 //! GPU fails them.
 
-use std::sync::Arc;
-
 use half::bf16;
 use moe_experts::cuda::{add_bf16, router_grouped, router_topk, silu_mul};
 use moe_experts::{
@@ -13,27 +11,11 @@ use moe_experts::{
     Routing, SharedWorkspace,
 };
 use moe_runtime::cuda::{
-    self, CudaDevice, CudaStream, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows,
-    DeviceTopkIds,
+    self, DeviceBuffer, DeviceExpertIds, DevicePermuteInput, DeviceRows, DeviceTopkIds,
 };
 
-/// The GPU and a stream of it, or `None` (after saying why) when there is none and
-/// none is required.
-fn gpu() -> Option<(Arc<CudaDevice>, Arc<CudaStream>)> {
-    match CudaDevice::new(0) {
-        Ok(device) => {
-            let stream = device.new_stream().unwrap();
-            Some((device, stream))
-        }
-        Err(error) if std::env::var("MOE_REQUIRE_GPU").as_deref() == Ok("1") => {
-            panic!("MOE_REQUIRE_GPU=1 but no GPU can be used: {error}")
-        }
-        Err(error) => {
-            eprintln!("no GPU found, skipping: {error}");
-            None
-        }
-    }
-}
+mod support;
+use support::gpu;
 
 fn random_hidden(tokens: usize, h: usize, seed: u64) -> Vec<bf16> {
     let mut s = seed | 1;
@@ -127,27 +109,7 @@ fn the_gpu_block_matches_the_cpu_block() {
                 let want = cpu_block.forward(&hidden).unwrap();
                 let got = gpu_block.forward(&stream, &hidden).unwrap();
                 assert_eq!(got.hidden_states.len(), tokens * h);
-                // Logits from two GEMM libraries differ in their last bits, so a token
-                // whose K-th and (K+1)-th experts are nearly tied may route differently;
-                // such tokens are counted, and compared only when routed alike.
-                let (mut same, mut diff, mut norm) = (0usize, 0f64, 0f64);
-                for t in 0..tokens {
-                    let mut a = got.topk_ids[t * k..][..k].to_vec();
-                    let mut b = want.topk_ids[t * k..][..k].to_vec();
-                    a.sort();
-                    b.sort();
-                    if a != b {
-                        continue;
-                    }
-                    same += 1;
-                    for (g, w) in got.hidden_states[t * h..][..h]
-                        .iter()
-                        .zip(&want.hidden_states[t * h..][..h])
-                    {
-                        diff += (g.to_f32() as f64 - w.to_f32() as f64).powi(2);
-                        norm += (w.to_f32() as f64).powi(2);
-                    }
-                }
+                let (same, diff, norm) = routed_alike(&got, &want, h, k);
                 assert!(
                     same * 100 >= tokens * 98,
                     "{kind:?} {config:?}: {same}/{tokens} routed alike"
@@ -440,14 +402,16 @@ fn two_bf16_tensors_add_with_one_rounding() {
     }
 }
 
-/// Fraction of tokens routed alike by the two blocks, and the relative L2 error of the
-/// tokens that are (logits from two GEMM libraries may tie-break differently).
-fn compare(
+/// The tokens the two blocks route alike, and over those tokens the squared L2
+/// distance of the outputs and the squared norm of `want`'s. Logits from two GEMM
+/// libraries differ in their last bits, so a token whose K-th and (K+1)-th experts are
+/// nearly tied may route differently; such tokens are only counted.
+fn routed_alike(
     got: &moe_experts::BlockOutput,
     want: &moe_experts::BlockOutput,
     h: usize,
     k: usize,
-) -> (f64, f64) {
+) -> (usize, f64, f64) {
     let tokens = want.topk_ids.len() / k;
     let (mut same, mut diff, mut norm) = (0usize, 0f64, 0f64);
     for t in 0..tokens {
@@ -467,6 +431,19 @@ fn compare(
             norm += (w.to_f32() as f64).powi(2);
         }
     }
+    (same, diff, norm)
+}
+
+/// Fraction of tokens routed alike by the two blocks, and the relative L2 error of the
+/// tokens that are.
+fn compare(
+    got: &moe_experts::BlockOutput,
+    want: &moe_experts::BlockOutput,
+    h: usize,
+    k: usize,
+) -> (f64, f64) {
+    let tokens = want.topk_ids.len() / k;
+    let (same, diff, norm) = routed_alike(got, want, h, k);
     (
         same as f64 / tokens.max(1) as f64,
         (diff / norm.max(1e-30)).sqrt(),

@@ -6,31 +6,16 @@
 //! Without a GPU every test prints why and passes; with `MOE_REQUIRE_GPU=1` a missing
 //! GPU fails them.
 
-use std::sync::Arc;
-
 use half::bf16;
 use moe_experts::ExpertsError;
 use moe_experts::cuda::{
     GemmEpilogue, GroupedGemmOperands, GroupedGemmShape, RowTiles, grouped_gemm,
     split_workspace_len,
 };
-use moe_runtime::cuda::{CudaDevice, CudaStream, DeviceBuffer};
+use moe_runtime::cuda::DeviceBuffer;
 
-fn gpu() -> Option<(Arc<CudaDevice>, Arc<CudaStream>)> {
-    match CudaDevice::new(0) {
-        Ok(device) => {
-            let stream = device.new_stream().unwrap();
-            Some((device, stream))
-        }
-        Err(error) if std::env::var("MOE_REQUIRE_GPU").as_deref() == Ok("1") => {
-            panic!("MOE_REQUIRE_GPU=1 but no GPU can be used: {error}")
-        }
-        Err(error) => {
-            eprintln!("no GPU found, skipping: {error}");
-            None
-        }
-    }
-}
+mod support;
+use support::gpu;
 
 /// xorshift values in `[-1, 1)`.
 fn values(seed: u64) -> impl FnMut() -> f32 {
