@@ -52,3 +52,39 @@ pub(crate) fn message(error: &candle_core::Error) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// Checks a block's model output `got` against a reference model's `want` (both
+/// `[tokens, H]` f32): every token's relative L2 error below `tolerance`, and the
+/// MoE part not negligible: `without` (the output with no MoE) is further than 20x the
+/// tolerance from `want` for every token, so a token routed to other experts would
+/// show. `label` names the case in a failure.
+#[allow(dead_code)]
+pub(crate) fn assert_matches_reference(
+    got: &candle_core::Tensor,
+    want: &candle_core::Tensor,
+    without: &candle_core::Tensor,
+    tolerance: f32,
+    label: &str,
+) {
+    use candle_core::{D, Tensor};
+    let norm = |t: &Tensor| t.sqr().unwrap().sum(D::Minus1).unwrap().sqrt().unwrap();
+    let errors = (norm(&(got - want).unwrap()) / norm(want))
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let worst = errors.iter().cloned().fold(0f32, f32::max);
+    assert!(
+        worst < tolerance,
+        "{label}: worst token's relative error {worst}"
+    );
+    let moe_share = (norm(&(without - want).unwrap()) / norm(want))
+        .unwrap()
+        .min(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        moe_share > 20.0 * tolerance,
+        "{label}: every token's MoE output matters: {moe_share}"
+    );
+}
