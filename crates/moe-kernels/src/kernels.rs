@@ -133,6 +133,7 @@ kernels! {
     GemmReduceBf16 => "grouped_gemm_reduce_bf16", GemmReduce;
     GemmReduceSiluBf16 => "grouped_gemm_reduce_silu_bf16", GemmReduce;
     AlignInverse => "align_inverse", AlignInverse;
+    GatherIds => "gather_ids", GatherIds;
 }
 
 impl Kernel {

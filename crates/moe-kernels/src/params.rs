@@ -461,6 +461,25 @@ pub struct AlignInverseParams {
     pub max_rows: u32,
 }
 
+/// The parameters of `gather_ids`: `out[r] = src[index[r]]` for `r < rows`, or `-1`
+/// where `index[r]` is not below `src_len`. Expert parallelism gives each permuted row
+/// its global expert id this way (`src` = `topk_ids`, `index` = `permuted_idx`), so the
+/// row can travel with the id of the expert it is for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatherIdsParams {
+    /// `[src_len]` i32.
+    pub src: u64,
+    /// `[rows]` i32.
+    pub index: u64,
+    /// `[rows]` i32 output.
+    pub out: u64,
+    /// Elements of `src`.
+    pub src_len: u32,
+    /// Elements of `index` and `out`.
+    pub rows: u32,
+}
+
 // Kernel arguments are copied byte for byte into the launch; pin their layout.
 const _: () = {
     use core::mem::{align_of, size_of};
@@ -478,6 +497,7 @@ const _: () = {
     assert!(size_of::<GroupedGemmParams>() == 96 && align_of::<GroupedGemmParams>() == 8);
     assert!(size_of::<GemmReduceParams>() == 40 && align_of::<GemmReduceParams>() == 8);
     assert!(size_of::<AlignInverseParams>() == 40 && align_of::<AlignInverseParams>() == 8);
+    assert!(size_of::<GatherIdsParams>() == 32 && align_of::<GatherIdsParams>() == 8);
     assert!(GEMM_THREADS == 128 && GEMM_BM == 64 && GEMM_BN == 128 && GEMM_BK == 64);
     assert!(GEMM_SHARED_BYTES == 73728);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
@@ -508,6 +528,8 @@ pub enum ParamsKind {
     GemmReduce,
     /// [`AlignInverseParams`].
     AlignInverse,
+    /// [`GatherIdsParams`].
+    GatherIds,
 }
 
 /// A parameter block that crosses to the GPU as a kernel's one argument, by value.
@@ -561,4 +583,8 @@ unsafe impl KernelParams for GemmReduceParams {
 // SAFETY: as above.
 unsafe impl KernelParams for AlignInverseParams {
     const KIND: ParamsKind = ParamsKind::AlignInverse;
+}
+// SAFETY: as above.
+unsafe impl KernelParams for GatherIdsParams {
+    const KIND: ParamsKind = ParamsKind::GatherIds;
 }

@@ -3,8 +3,9 @@
 
 use half::bf16;
 use moe_kernels::{
-    AddParams, AlignInverseParams, ELEMENTWISE_THREADS, GroupedRouterParams, ROUTER_MAX_EXPERTS,
-    ROUTER_MAX_GROUPS, ROUTER_MAX_TOP_K, ROUTER_THREADS, RouterParams, SiluMulParams,
+    AddParams, AlignInverseParams, ELEMENTWISE_THREADS, GatherIdsParams, GroupedRouterParams,
+    ROUTER_MAX_EXPERTS, ROUTER_MAX_GROUPS, ROUTER_MAX_TOP_K, ROUTER_THREADS, RouterParams,
+    SiluMulParams,
 };
 use moe_runtime::cuda::{self, DeviceView, DeviceViewMut, Grid, Kernel, Stream};
 
@@ -368,5 +369,53 @@ pub fn align_inverse(
     // `num_rows_post_padded` one i32 (checked); a thread per row; every view is usable
     // on `stream`.
     unsafe { cuda::launch(stream, Kernel::AlignInverse, grid, &params)? };
+    Ok(())
+}
+
+/// `out[r] = src[index[r]]` for every `r` of `out`, or -1 where `index[r]` is negative
+/// or not below `src.len()`: with `src` = `topk_ids` and `index` = permute's
+/// `permuted_idx`, each permuted row's global expert (-1 past the kept rows). On
+/// `stream`; no host wait.
+pub fn gather_ids(
+    stream: &Stream<'_>,
+    src: DeviceView<'_, i32>,
+    index: DeviceView<'_, i32>,
+    out: DeviceViewMut<'_, i32>,
+) -> Result<()> {
+    too_small("index", index.len(), Some(out.len()))?;
+    check_streams(
+        stream,
+        &[
+            ("src", src.stream()),
+            ("index", index.stream()),
+            ("out", out.stream()),
+        ],
+    )?;
+    let (Ok(src_len), Ok(rows)) = (u32::try_from(src.len()), u32::try_from(out.len())) else {
+        return Err(ExpertsError::Shape {
+            tensor: "gather_ids",
+            len: src.len().max(out.len()),
+            expected: "fewer elements than 32-bit indices can address".into(),
+        });
+    };
+    if rows == 0 {
+        return Ok(());
+    }
+    bind(stream.device())?;
+    let params = GatherIdsParams {
+        src: src.address(),
+        index: index.address(),
+        out: out.address(),
+        src_len,
+        rows,
+    };
+    let grid = Grid {
+        blocks: rows.div_ceil(ELEMENTWISE_THREADS),
+        threads: ELEMENTWISE_THREADS,
+    };
+    // SAFETY: `src` holds `src_len` i32 and `index` and `out` at least `rows` (checked);
+    // a thread per row, every index bounded by `src_len` in the kernel; every view is
+    // usable on `stream`.
+    unsafe { cuda::launch(stream, Kernel::GatherIds, grid, &params)? };
     Ok(())
 }

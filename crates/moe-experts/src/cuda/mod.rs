@@ -14,6 +14,7 @@
 mod blas;
 mod gemm;
 mod kernels;
+mod parts;
 
 use std::sync::Arc;
 
@@ -30,6 +31,10 @@ pub use blas::{Blas, GemmOutput};
 pub use gemm::{
     AlignedRows, GemmEpilogue, GroupedGemmOperands, GroupedGemmShape, MAX_SPLITS, RowTiles,
     SPLIT_MAX_ROWS, grouped_gemm, split_k, split_workspace_len,
+};
+pub use parts::{
+    DeviceRouter, DeviceSharedExpert, ExpertActivations, ExpertWeights, SharedActivations,
+    grouped_experts, stack_gate_up,
 };
 
 /// How [`CudaMoeBlock`] runs the expert GEMMs.
@@ -73,10 +78,12 @@ impl ExpertGemm {
         }
     }
 }
-pub use kernels::{add_bf16, align_inverse, copy_device, router_grouped, router_topk, silu_mul};
+pub use kernels::{
+    add_bf16, align_inverse, copy_device, gather_ids, router_grouped, router_topk, silu_mul,
+};
 
 use crate::shared::{ScratchGuard, ScratchSource, SharedWorkspace};
-use crate::{BlockOutput, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Result, Routing};
+use crate::{BlockOutput, ExpertsError, ExpertsKind, MoeConfig, MoeWeights, Result};
 
 fn zeros<T: cuda::DeviceRepr + cuda::ValidAsZeroBits>(
     device: &CudaDevice,
@@ -198,15 +205,12 @@ pub struct CudaMoeBlock {
     config: MoeConfig,
     kind: ExpertsKind,
     blas: Blas,
-    router: DeviceBuffer<bf16>,
+    router: DeviceRouter,
     /// `[E, 2I, H]`: each expert's gate rows, then its up rows: one GEMM gives both.
     gate_up: DeviceBuffer<bf16>,
     /// `[E, H, I]`.
     down: DeviceBuffer<bf16>,
-    /// DeepSeek-V3's `e_score_correction_bias` `[E]`, for grouped routing.
-    router_bias: Option<DeviceBuffer<f32>>,
-    /// The shared expert: `[2I_s, H]` (gate rows, then up rows) and `[H, I_s]`.
-    shared: Option<(DeviceBuffer<bf16>, DeviceBuffer<bf16>)>,
+    shared: Option<DeviceSharedExpert>,
     source: ScratchSource,
     activations: Option<Activations>,
     expert_gemm: ExpertGemm,
@@ -267,38 +271,12 @@ impl CudaMoeBlock {
             config.intermediate_size,
             config.num_experts,
         );
-        let mut gate_up = Vec::with_capacity(e * 2 * i * h);
-        for expert in 0..e {
-            gate_up.extend_from_slice(&weights.gate_proj[expert * i * h..][..i * h]);
-            gate_up.extend_from_slice(&weights.up_proj[expert * i * h..][..i * h]);
-        }
-        let router_bias = match &weights.router_bias {
-            Some(bias) => Some(DeviceBuffer::from_host(&device, bias)?),
-            None => None,
-        };
-        let shared = match &weights.shared {
-            Some(shared) => {
-                let gate_up = [&shared.gate_proj[..], &shared.up_proj[..]].concat();
-                Some((
-                    DeviceBuffer::from_host(&device, &gate_up)?,
-                    DeviceBuffer::from_host(&device, &shared.down_proj)?,
-                ))
-            }
-            None => None,
-        };
-        let multiprocessors = device
-            .context()
-            .attribute(
-                cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_err(|source| moe_runtime::MoeError::Driver {
-                action: "read the GPU's multiprocessor count",
-                source,
-            })? as usize;
+        let all: Vec<usize> = (0..e).collect();
+        let gate_up = stack_gate_up(weights, &all);
+        let multiprocessors = multiprocessors(&device)?;
         Ok(Self {
-            router_bias,
-            shared,
-            router: DeviceBuffer::from_host(&device, &weights.router)?,
+            shared: DeviceSharedExpert::new(&device, weights)?,
+            router: DeviceRouter::new(&device, weights)?,
             gate_up: DeviceBuffer::from_host(&device, &gate_up)?,
             down: DeviceBuffer::from_host(&device, &weights.down_proj)?,
             blas: Blas::new(device)?,
@@ -469,38 +447,15 @@ impl CudaMoeBlock {
         let hidden = activations.hidden.view().prefix(tokens * h);
 
         // Router: logits = hidden * router^T in f32, then softmax / top-k on the device.
-        self.blas.matmul_nt(
+        self.router.route(
+            &mut self.blas,
             stream,
-            (tokens, e, h),
+            &self.config,
             hidden,
-            self.router.view(),
-            activations.logits.view_mut().prefix(tokens * e),
+            &mut activations.logits,
+            activations.topk_ids.view_mut().prefix(entries),
+            activations.topk_weights.view_mut().prefix(entries),
         )?;
-        let logits = activations.logits.view().prefix(tokens * e);
-        let norm = self.config.norm_topk_prob;
-        let topk_ids = activations.topk_ids.view_mut().prefix(entries);
-        let topk_weights = activations.topk_weights.view_mut().prefix(entries);
-        match (&self.config.routing, &self.router_bias) {
-            (Routing::Softmax, _) => {
-                router_topk(stream, logits, e, k, norm, topk_ids, topk_weights)?
-            }
-            (Routing::Grouped(grouped), Some(bias)) => router_grouped(
-                stream,
-                logits,
-                bias.view(),
-                e,
-                k,
-                grouped,
-                norm,
-                topk_ids,
-                topk_weights,
-            )?,
-            (Routing::Grouped(_), None) => {
-                return Err(ExpertsError::Config(
-                    "grouped routing needs e_score_correction_bias".into(),
-                ));
-            }
-        }
 
         let mut scratch = self.source.get(tokens)?;
         if let ExpertsKind::HummingIndexed { .. } = self.kind {
@@ -601,46 +556,22 @@ impl CudaMoeBlock {
             let rows = routed.permuted_hidden_states.typed::<bf16>()?;
 
             match self.expert_gemm.resolve(&self.config, tokens) {
-                ExpertGemm::Grouped | ExpertGemm::Auto => {
-                    let offsets = || RowTiles::Offsets(routed.expert_first_token_offset);
-                    let sms = self.multiprocessors;
-                    let gate_up = GroupedGemmShape {
-                        max_rows: entries,
-                        n: i,
-                        k: h,
-                        splits: split_k(GemmEpilogue::SiluMul, (entries, i, h), e, sms),
-                    };
-                    grouped_gemm(
-                        stream,
-                        GemmEpilogue::SiluMul,
-                        gate_up,
-                        GroupedGemmOperands {
-                            a: rows.prefix(entries * h),
-                            b: self.gate_up.view(),
-                            tiles: offsets(),
-                            c: activations.act.view_mut().prefix(entries * i),
-                            partials: Some(activations.partials.view_mut()),
-                        },
-                    )?;
-                    let down = GroupedGemmShape {
-                        max_rows: entries,
-                        n: h,
-                        k: i,
-                        splits: split_k(GemmEpilogue::Plain, (entries, h, i), e, sms),
-                    };
-                    grouped_gemm(
-                        stream,
-                        GemmEpilogue::Plain,
-                        down,
-                        GroupedGemmOperands {
-                            a: activations.act.view().prefix(entries * i),
-                            b: self.down.view(),
-                            tiles: offsets(),
-                            c: activations.expert_out.view_mut().prefix(entries * h),
-                            partials: Some(activations.partials.view_mut()),
-                        },
-                    )?;
-                }
+                ExpertGemm::Grouped | ExpertGemm::Auto => grouped_experts(
+                    stream,
+                    self.multiprocessors,
+                    (h, i),
+                    rows.prefix(entries * h),
+                    routed.expert_first_token_offset,
+                    ExpertWeights {
+                        gate_up: self.gate_up.view(),
+                        down: self.down.view(),
+                    },
+                    ExpertActivations {
+                        act: &mut activations.act,
+                        out: activations.expert_out.view_mut().prefix(entries * h),
+                        partials: &mut activations.partials,
+                    },
+                )?,
                 ExpertGemm::Cublas => {
                     // The one host wait of this path: each expert's row count.
                     let offsets = routed.expert_first_token_offset.to_host(stream)?;
@@ -681,34 +612,16 @@ impl CudaMoeBlock {
         let activations = self.activations.as_mut().expect("reserved by the caller");
 
         // The shared expert, on every token, added as two bf16 tensors add.
-        if let Some((gate_up, down)) = &self.shared {
-            let s = self.config.shared_intermediate_size;
-            let hidden = activations.hidden.view().prefix(tokens * h);
-            let shared_gate_up = activations.shared_gate_up.view_mut().prefix(tokens * 2 * s);
-            self.blas.matmul_nt(
+        if let Some(shared) = &self.shared {
+            shared.add_into(
+                &mut self.blas,
                 stream,
-                (tokens, 2 * s, h),
-                hidden,
-                gate_up.view(),
-                shared_gate_up,
-            )?;
-            silu_mul(
-                stream,
-                activations.shared_gate_up.view().prefix(tokens * 2 * s),
-                tokens,
-                s,
-                activations.shared_act.view_mut().prefix(tokens * s),
-            )?;
-            self.blas.matmul_nt(
-                stream,
-                (tokens, h, s),
-                activations.shared_act.view().prefix(tokens * s),
-                down.view(),
-                activations.shared_out.view_mut().prefix(tokens * h),
-            )?;
-            add_bf16(
-                stream,
-                activations.shared_out.view().prefix(tokens * h),
+                (activations.hidden.view().prefix(tokens * h), h),
+                SharedActivations {
+                    gate_up: &mut activations.shared_gate_up,
+                    act: &mut activations.shared_act,
+                    out: &mut activations.shared_out,
+                },
                 activations.out.view_mut().prefix(tokens * h),
             )?;
         }
@@ -769,4 +682,18 @@ fn cublas_experts(
         }
     }
     Ok(())
+}
+
+/// The GPU's multiprocessor count, for [`split_k`].
+pub fn multiprocessors(device: &CudaDevice) -> Result<usize> {
+    let count = device
+        .context()
+        .attribute(
+            cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(|source| moe_runtime::MoeError::Driver {
+            action: "read the GPU's multiprocessor count",
+            source,
+        })?;
+    Ok(count as usize)
 }

@@ -2,8 +2,8 @@
 
 use super::intrinsics::*;
 use crate::params::{
-    AddParams, AlignInverseParams, ELEMENTWISE_THREADS, GroupedRouterParams, ROUTER_MAX_EXPERTS,
-    ROUTER_THREADS, RouterParams, SiluMulParams,
+    AddParams, AlignInverseParams, ELEMENTWISE_THREADS, GatherIdsParams, GroupedRouterParams,
+    ROUTER_MAX_EXPERTS, ROUTER_THREADS, RouterParams, SiluMulParams,
 };
 use crate::routing;
 
@@ -325,4 +325,23 @@ pub(crate) unsafe fn align_inverse(p: &AlignInverseParams) {
             unsafe { *(p.inv as *mut i32).add(entry as usize) = r as i32 };
         }
     }
+}
+
+/// `out[r] = src[index[r]]`, or -1 for an index outside `src` (see [`GatherIdsParams`]):
+/// a thread per row.
+pub(crate) unsafe fn gather_ids(p: &GatherIdsParams) {
+    let r = block() * ELEMENTWISE_THREADS + thread();
+    if r >= p.rows {
+        return;
+    }
+    // SAFETY: `r < rows`, the length of `index` and `out`.
+    let at = unsafe { *(p.index as *const i32).add(r as usize) } as u32;
+    let id = if at < p.src_len {
+        // SAFETY: `at < src_len`, the length of `src` (a negative index is a large u32).
+        unsafe { *(p.src as *const i32).add(at as usize) }
+    } else {
+        -1
+    };
+    // SAFETY: `r < rows`.
+    unsafe { *(p.out as *mut i32).add(r as usize) = id };
 }

@@ -12,8 +12,9 @@ mod rows;
 mod status;
 
 use crate::params::{
-    AddParams, AlignInverseParams, GemmReduceParams, GroupedGemmParams, GroupedRouterParams,
-    PermuteRowsParams, RouteParams, RouterParams, SiluMulParams, UnpermuteParams,
+    AddParams, AlignInverseParams, GatherIdsParams, GemmReduceParams, GroupedGemmParams,
+    GroupedRouterParams, PermuteRowsParams, RouteParams, RouterParams, SiluMulParams,
+    UnpermuteParams,
 };
 use rows::{BF16, F16, F32, V16};
 
@@ -67,4 +68,5 @@ kernels! {
     grouped_gemm_reduce_bf16(p: GemmReduceParams) => gemm::reduce_bf16::<false>(p);
     grouped_gemm_reduce_silu_bf16(p: GemmReduceParams) => gemm::reduce_bf16::<true>(p);
     align_inverse(p: AlignInverseParams) => block::align_inverse(p);
+    gather_ids(p: GatherIdsParams) => block::gather_ids(p);
 }
