@@ -1,8 +1,10 @@
 //! `moe`: the project's front door. `moe info` says what the machine has, `moe bench`
 //! measures permute, unpermute and the whole MoE block, `moe run` runs one MoE block
-//! from checkpoint weights.
+//! from checkpoint weights, `moe ep-bench` measures expert parallelism's exchange on
+//! several GPUs.
 
 mod bench;
+mod ep_bench;
 mod info;
 mod run;
 
@@ -39,6 +41,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run one MoE block from checkpoint weights on the `hidden_states` of an input file.
     Run(RunArgs),
+    /// Benchmark expert parallelism's dispatch + combine over NCCL, one process per GPU.
+    EpBench(ep_bench::EpBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         Command::Info => info::run(),
         Command::Bench(args) => bench::run(args),
         Command::Run(args) => run::run(args),
+        Command::EpBench(args) => ep_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -402,3 +402,29 @@ impl Drop for Communicator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_survives_its_text_and_bad_text_is_refused() {
+        let mut id = sys::ncclUniqueId { internal: [0; 128] };
+        for (i, byte) in id.internal.iter_mut().enumerate() {
+            *byte = (i * 37 % 256) as u8 as _;
+        }
+        let text = NcclId(id).to_hex();
+        assert_eq!(text.len(), 256);
+        let back = NcclId::from_hex(&text).unwrap();
+        assert_eq!(back.0.internal, id.internal);
+        assert!(NcclId::from_hex(&text[..254]).is_err());
+        assert!(NcclId::from_hex(&format!("zz{}", &text[2..])).is_err());
+        assert!(NcclId::from_hex(&format!("é{}", &text[2..])).is_err());
+    }
+
+    #[test]
+    fn versions_read_as_nccl_writes_them() {
+        assert_eq!(version_text(22803), "2.28.3");
+        assert_eq!(version_text(BUILT_FOR), "2.28.0");
+    }
+}

@@ -30,7 +30,9 @@ fn world() -> Option<usize> {
         error.to_string()
     } else {
         // MOE_EP_WORLD picks fewer ranks than GPUs (2 on a 4-GPU machine).
-        let wanted = std::env::var("MOE_EP_WORLD").ok().and_then(|w| w.parse().ok());
+        let wanted = std::env::var("MOE_EP_WORLD")
+            .ok()
+            .and_then(|w| w.parse().ok());
         return Some(wanted.unwrap_or(4).clamp(2, gpus));
     };
     assert!(!required, "MOE_REQUIRE_GPU=1 but: {why}");

@@ -2,12 +2,13 @@
 //! the bytes each rank moves divided by the all-to-all bandwidth NCCL reaches on the
 //! same GPUs in the same run.
 //!
-//! `cargo run --release -p moe-ep --example ep_bench -- [--world W] [--out FILE]`
-//! starts W ranks of itself (every GPU by default) and writes a JSON report (rank 0's
-//! figures; every rank's are printed). The experts are skipped: the time is the
-//! exchange's alone (both permutes and unpermutes, the count exchange and its host
-//! wait in exact mode, and the NCCL transfers).
+//! `moe ep-bench [--world W] [--out FILE]` starts W ranks of itself (every GPU by
+//! default), one process per GPU, and writes a JSON report (rank 0's figures; every
+//! rank's are printed). The experts are skipped: the time is the exchange's alone
+//! (both permutes and unpermutes, the count exchange and its host wait in exact mode,
+//! and the NCCL transfers).
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,35 +41,46 @@ const SHAPES: [(&str, usize, usize, usize); 2] = [
     ("deepseek-v3", 7168, 256, 8),
     ("qwen3-30b-a3b", 2048, 128, 8),
 ];
-const TOKENS: [usize; 6] = [1, 8, 64, 512, 2048, 8192];
 const WARMUP: usize = 3;
 const ITERATIONS: usize = 15;
 
-fn main() -> anyhow::Result<()> {
+#[derive(clap::Args, Debug)]
+pub(crate) struct EpBenchArgs {
+    /// Ranks, one GPU each (default: every GPU here).
+    #[arg(long, value_name = "W")]
+    world: Option<usize>,
+    /// Tokens per rank, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,512,2048,8192")]
+    tokens: Vec<usize>,
+    /// Where to write the JSON report.
+    #[arg(long, value_name = "FILE", default_value = "ep-bench.json")]
+    out: PathBuf,
+}
+
+/// `moe ep-bench`: the launcher, or (when it started this process) one rank.
+pub(crate) fn run(args: EpBenchArgs) -> anyhow::Result<()> {
     match RankEnv::from_env()? {
-        Some(env) => rank_main(env),
-        None => launch(),
+        Some(env) => rank_main(env, &args.tokens),
+        None => launch(args),
     }
 }
 
-fn launch() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    let world = match flag("--world") {
-        Some(w) => w.parse()?,
+fn launch(args: EpBenchArgs) -> anyhow::Result<()> {
+    let world = match args.world {
+        Some(world) => world,
         None => CudaDevice::count()?,
     };
     anyhow::ensure!(
         world >= 2,
         "{world} GPUs: expert parallelism needs 2 or more"
     );
-    let out = flag("--out").unwrap_or_else(|| "ep-bench.json".into());
     let exe = std::env::current_exe()?;
-    let outputs = spawn_ranks(world, Duration::from_secs(600), |_| Command::new(&exe))?;
+    let tokens: Vec<String> = args.tokens.iter().map(usize::to_string).collect();
+    let outputs = spawn_ranks(world, Duration::from_secs(1200), |_| {
+        let mut command = Command::new(&exe);
+        command.args(["ep-bench", "--tokens", &tokens.join(",")]);
+        command
+    })?;
     let mut report = None;
     for (rank, output) in outputs.iter().enumerate() {
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -85,8 +97,8 @@ fn launch() -> anyhow::Result<()> {
         }
     }
     let report = report.ok_or_else(|| anyhow::anyhow!("rank 0 wrote no report"))?;
-    std::fs::write(&out, &report)?;
-    eprintln!("wrote {out}");
+    std::fs::write(&args.out, &report)?;
+    eprintln!("wrote {}", args.out.display());
     Ok(())
 }
 
@@ -160,7 +172,7 @@ fn small_all_gather(
     })
 }
 
-fn rank_main(env: RankEnv) -> anyhow::Result<()> {
+fn rank_main(env: RankEnv, token_counts: &[usize]) -> anyhow::Result<()> {
     let device = CudaDevice::new(env.rank)?;
     let comm = Arc::new(Communicator::new(
         device.clone(),
@@ -187,7 +199,7 @@ fn rank_main(env: RankEnv) -> anyhow::Result<()> {
     for (name, h, e, k) in SHAPES {
         let placement = ExpertPlacement::contiguous(e, w)?;
         for mode in [ExchangeMode::Exact, ExchangeMode::Capacity] {
-            for &tokens in &TOKENS {
+            for &tokens in token_counts {
                 let shape = ExchangeShape {
                     num_experts: e,
                     top_k: k,
