@@ -19,7 +19,9 @@ use moe_ep::{
     Communicator, EpExchange, ExchangeInput, ExchangeMode, ExchangeShape, ExpertPlacement,
     LocalExperts,
 };
-use moe_runtime::cuda::{CudaDevice, DeviceBuffer, DeviceView, DeviceViewMut, Stream};
+use moe_runtime::cuda::{
+    CudaDevice, DeviceBuffer, DeviceRows, DeviceScales, DeviceView, DeviceViewMut, Stream,
+};
 
 /// Skips the experts: what is timed is the exchange.
 struct NoExperts;
@@ -28,7 +30,8 @@ impl LocalExperts for NoExperts {
     fn run(
         &mut self,
         _: &Stream<'_>,
-        _: DeviceView<'_, bf16>,
+        _: DeviceRows<'_>,
+        _: Option<DeviceScales<'_>>,
         _: DeviceView<'_, i64>,
         _: DeviceViewMut<'_, bf16>,
     ) -> moe_ep::Result<()> {
@@ -200,12 +203,7 @@ fn rank_main(env: RankEnv, token_counts: &[usize]) -> anyhow::Result<()> {
         let placement = ExpertPlacement::contiguous(e, w)?;
         for mode in [ExchangeMode::Exact, ExchangeMode::Capacity] {
             for &tokens in token_counts {
-                let shape = ExchangeShape {
-                    num_experts: e,
-                    top_k: k,
-                    hidden_size: h,
-                    max_num_tokens: tokens,
-                };
+                let shape = ExchangeShape::bf16(e, k, h, tokens);
                 let mut exchange = EpExchange::new(comm.clone(), placement.clone(), shape, mode)?;
                 // Uniform routing: K distinct experts per token.
                 let mut state = 0x5eed ^ ((env.rank as u64 + 1) * 0x9e37_79b9);
@@ -232,7 +230,8 @@ fn rank_main(env: RankEnv, token_counts: &[usize]) -> anyhow::Result<()> {
                     exchange.forward(
                         &stream,
                         ExchangeInput {
-                            hidden_states: hidden.view(),
+                            hidden_states: DeviceRows::new(hidden.view(), h)?,
+                            scales: None,
                             topk_ids: ids.view(),
                             topk_weights: weights.view(),
                         },

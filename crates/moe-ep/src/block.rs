@@ -11,7 +11,9 @@ use moe_experts::cuda::{
 };
 use moe_experts::{BlockOutput, MoeConfig, MoeWeights, Routing};
 use moe_kernels::GEMM_ALIGN;
-use moe_runtime::cuda::{CudaDevice, DeviceBuffer, DeviceView, DeviceViewMut, Stream};
+use moe_runtime::cuda::{
+    CudaDevice, DeviceBuffer, DeviceRows, DeviceScales, DeviceView, DeviceViewMut, Stream,
+};
 use moe_runtime::size::product;
 
 use crate::exchange::{EpExchange, ExchangeInput, ExchangeMode, ExchangeShape, LocalExperts};
@@ -36,7 +38,8 @@ impl LocalExperts for GroupedLocalExperts {
     fn run(
         &mut self,
         stream: &Stream<'_>,
-        rows: DeviceView<'_, bf16>,
+        rows: DeviceRows<'_>,
+        _: Option<DeviceScales<'_>>,
         offsets: DeviceView<'_, i64>,
         out: DeviceViewMut<'_, bf16>,
     ) -> Result<()> {
@@ -44,7 +47,7 @@ impl LocalExperts for GroupedLocalExperts {
             stream,
             self.multiprocessors,
             (self.hidden_size, self.intermediate_size),
-            rows,
+            rows.typed::<bf16>()?,
             offsets,
             ExpertWeights {
                 gate_up: self.gate_up.view(),
@@ -196,12 +199,7 @@ impl EpMoeBlock {
             .flat_map(|&expert| &weights.down_proj[expert * h * i..][..h * i])
             .copied()
             .collect();
-        let shape = ExchangeShape {
-            num_experts: e,
-            top_k: k,
-            hidden_size: h,
-            max_num_tokens,
-        };
+        let shape = ExchangeShape::bf16(e, k, h, max_num_tokens);
         let rows = product("rows received (W * M * K)", &[world, max_num_tokens, k])?;
         let zeros_bf16 = |len: usize| DeviceBuffer::<bf16>::zeros(&device, len.max(1));
         let zeros_f32 = |len: usize| DeviceBuffer::<f32>::zeros(&device, len.max(1));
@@ -333,7 +331,8 @@ impl EpMoeBlock {
         self.exchange.forward(
             stream,
             ExchangeInput {
-                hidden_states: hidden,
+                hidden_states: DeviceRows::new(hidden, h)?,
+                scales: None,
                 topk_ids: a.topk_ids.view().prefix(tokens * k),
                 topk_weights: a.topk_weights.view().prefix(tokens * k),
             },

@@ -21,11 +21,11 @@ use std::sync::Arc;
 use half::bf16;
 use moe_runtime::cuda::{
     self, CudaDevice, DeviceBuffer, DeviceExpertIds, DevicePermuteDest, DevicePermuteInput,
-    DeviceRows, DeviceRowsMut, DeviceTopkIds, DeviceUnpermuteInput, DeviceView, DeviceViewMut,
-    StatusBuffer, Stream,
+    DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceUnpermuteInput, DeviceView,
+    DeviceViewMut, StatusBuffer, Stream,
 };
 use moe_runtime::size::product;
-use moe_runtime::{PermuteScratch, ScratchConfig};
+use moe_runtime::{DType, PermuteScratch, ScratchConfig};
 
 use crate::nccl::Communicator;
 use crate::placement::ExpertPlacement;
@@ -58,21 +58,58 @@ pub struct ExchangeShape {
     pub num_experts: usize,
     /// `K`, experts per token.
     pub top_k: usize,
-    /// `H`, the row width (bf16).
+    /// `H`, the row width.
     pub hidden_size: usize,
     /// The most tokens a rank passes in one call.
     pub max_num_tokens: usize,
+    /// The type of the rows sent (bf16, or fp8 with scales, moved as bytes); the
+    /// results that come back are bf16.
+    pub dtype: DType,
+    /// `S`, f32 scales per token that travel with its rows (0: none).
+    pub scale_columns: usize,
+}
+
+impl ExchangeShape {
+    /// bf16 rows without scales.
+    pub fn bf16(
+        num_experts: usize,
+        top_k: usize,
+        hidden_size: usize,
+        max_num_tokens: usize,
+    ) -> Self {
+        Self {
+            num_experts,
+            top_k,
+            hidden_size,
+            max_num_tokens,
+            dtype: DType::BF16,
+            scale_columns: 0,
+        }
+    }
+
+    /// Sends `dtype` rows with `scale_columns` scales a token.
+    pub fn with_rows(mut self, dtype: DType, scale_columns: usize) -> Self {
+        self.dtype = dtype;
+        self.scale_columns = scale_columns;
+        self
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.hidden_size * self.dtype.size_bytes()
+    }
 }
 
 /// A rank's experts, as the exchange runs them between dispatch and combine.
 pub trait LocalExperts {
-    /// `out[r] = expert(r)(rows[r])` for the rows `[R, H]` grouped by local expert
-    /// as `offsets` (`[L + 1]`, on the device) says; rows at and after `offsets[L]`
-    /// may be left as they are. Queued on `stream`, no host wait.
+    /// `out[r] = expert(r)(rows[r])` (bf16) for the rows `[R, H]` (of the exchange's
+    /// type, with their scales when it has them) grouped by local expert as `offsets`
+    /// (`[L + 1]`, on the device) says; rows at and after `offsets[L]` may be left as
+    /// they are. Queued on `stream`, no host wait.
     fn run(
         &mut self,
         stream: &Stream<'_>,
-        rows: DeviceView<'_, bf16>,
+        rows: DeviceRows<'_>,
+        scales: Option<DeviceScales<'_>>,
         offsets: DeviceView<'_, i64>,
         out: DeviceViewMut<'_, bf16>,
     ) -> Result<()>;
@@ -81,8 +118,10 @@ pub trait LocalExperts {
 /// The call's tensors on this rank: `N` tokens.
 #[derive(Clone, Copy, Debug)]
 pub struct ExchangeInput<'a> {
-    /// `[N, H]` bf16.
-    pub hidden_states: DeviceView<'a, bf16>,
+    /// `[N, H]` of the exchange's row type.
+    pub hidden_states: DeviceRows<'a>,
+    /// `[N, S]` when the exchange carries scales.
+    pub scales: Option<DeviceScales<'a>>,
     /// `[N, K]` global expert ids.
     pub topk_ids: DeviceView<'a, i32>,
     /// `[N, K]` router weights.
@@ -94,16 +133,20 @@ pub struct ExchangeInput<'a> {
 struct ExactBuffers {
     /// Groups entries by destination rank (`L = W`).
     dispatch: PermuteScratch,
-    /// `[M * K, H]`: this rank's entries' rows, grouped by destination.
-    send_rows: DeviceBuffer<bf16>,
+    /// `[M * K, H]` (bytes): this rank's entries' rows, grouped by destination, and
+    /// `[M * K, S]` their scales.
+    send_rows: DeviceBuffer<u8>,
+    send_scales: DeviceBuffer<f32>,
     /// `[M * K]`: each sent row's global expert.
     send_ids: DeviceBuffer<i32>,
     /// `[W + 2]` i64 this rank contributes: its `W + 1` dispatch offsets, then a
     /// failure flag; `[W * (W + 2)]` gathered from all ranks.
     record: DeviceBuffer<i64>,
     records: DeviceBuffer<i64>,
-    /// `[W * M * K, H]` rows and `[W * M * K]` ids received, by source rank.
-    recv_rows: DeviceBuffer<bf16>,
+    /// `[W * M * K, H]` rows (bytes), `[W * M * K, S]` scales and `[W * M * K]` ids
+    /// received, by source rank.
+    recv_rows: DeviceBuffer<u8>,
+    recv_scales: DeviceBuffer<f32>,
     recv_ids: DeviceBuffer<i32>,
     /// `[M * K, H]`: this rank's entries' results, back in dispatch order.
     returned: DeviceBuffer<bf16>,
@@ -112,10 +155,13 @@ struct ExactBuffers {
 /// The buffers of capacity mode, beside the shared ones.
 #[derive(Debug)]
 struct CapacityBuffers {
-    /// `[M, H]` and `[M * K]` (padding ids -1) this rank contributes, and all ranks'.
-    send_hidden: DeviceBuffer<bf16>,
+    /// `[M, H]` rows (bytes), `[M, S]` scales and `[M * K]` ids (padding ids -1) this
+    /// rank contributes, and all ranks'.
+    send_hidden: DeviceBuffer<u8>,
+    send_scales: DeviceBuffer<f32>,
     send_ids: DeviceBuffer<i32>,
-    gathered_hidden: DeviceBuffer<bf16>,
+    gathered_hidden: DeviceBuffer<u8>,
+    gathered_scales: DeviceBuffer<f32>,
     gathered_ids: DeviceBuffer<i32>,
     /// `[M * K, H]`: this rank's entries, each from the rank that holds its expert.
     mine: DeviceBuffer<bf16>,
@@ -143,9 +189,11 @@ pub struct EpExchange {
     num_local: usize,
     /// Groups what this rank received by local expert (`None` with no experts here).
     experts_scratch: Option<PermuteScratch>,
-    /// `[W * M * K, H]`: received rows grouped by local expert, the experts' outputs,
-    /// and those outputs per received row (exact) or per gathered entry (capacity).
-    permuted: DeviceBuffer<bf16>,
+    /// `[W * M * K, H]`: received rows grouped by local expert (bytes, and their
+    /// scales), the experts' outputs, and those outputs per received row (exact) or
+    /// per gathered entry (capacity).
+    permuted: DeviceBuffer<u8>,
+    permuted_scales: DeviceBuffer<f32>,
     expert_out: DeviceBuffer<bf16>,
     back: DeviceBuffer<bf16>,
     /// `[W * M * K]` ones: the weights of the per-row unpermute.
@@ -208,10 +256,11 @@ impl EpExchange {
             )));
         }
         let (m, k, h) = (shape.max_num_tokens, shape.top_k, shape.hidden_size);
-        let e = shape.num_experts;
+        let (e, s, b) = (shape.num_experts, shape.scale_columns, shape.row_bytes());
         let entries = product("entries per rank (M * K)", &[m, k])?;
         let rows = product("rows received (W * M * K)", &[w, m, k])?;
         let row_elements = product("rows received (W * M * K * H)", &[rows, h])?;
+        let row_bytes = product("rows received (W * M * K * H), in bytes", &[rows, b])?;
         let num_local = placement.local_experts(rank).len();
         let experts_config = match mode {
             ExchangeMode::Exact => ScratchConfig::new(rows, 1, e, num_local, device.device()),
@@ -231,20 +280,24 @@ impl EpExchange {
                     ScratchConfig::new(m, k, e, w, device.device()),
                     device.clone(),
                 )?,
-                send_rows: zeros(&device, product("sent rows", &[entries, h])?)?,
+                send_rows: zeros(&device, product("sent rows", &[entries, b])?)?,
+                send_scales: zeros(&device, product("sent scales", &[entries, s])?)?,
                 send_ids: zeros(&device, entries)?,
                 record: zeros(&device, w + 2)?,
                 records: zeros(&device, w * (w + 2))?,
-                recv_rows: zeros(&device, row_elements)?,
+                recv_rows: zeros(&device, row_bytes)?,
+                recv_scales: zeros(&device, product("received scales", &[rows, s])?)?,
                 recv_ids: zeros(&device, rows)?,
                 returned: zeros(&device, product("returned rows", &[entries, h])?)?,
             }),
             ExchangeMode::Capacity => {
                 let identity: Vec<i32> = (0..entries as i32).collect();
                 ModeBuffers::Capacity(CapacityBuffers {
-                    send_hidden: zeros(&device, product("hidden states", &[m, h])?)?,
+                    send_hidden: zeros(&device, product("hidden states", &[m, b])?)?,
+                    send_scales: zeros(&device, product("scales", &[m, s])?)?,
                     send_ids: zeros(&device, entries)?,
-                    gathered_hidden: zeros(&device, product("gathered rows", &[w, m, h])?)?,
+                    gathered_hidden: zeros(&device, product("gathered rows", &[w, m, b])?)?,
+                    gathered_scales: zeros(&device, product("gathered scales", &[w, m, s])?)?,
                     gathered_ids: zeros(&device, rows)?,
                     mine: zeros(&device, product("returned rows", &[entries, h])?)?,
                     identity: DeviceBuffer::from_host(&device, &identity)?,
@@ -263,7 +316,8 @@ impl EpExchange {
             expert_map: DeviceBuffer::from_host(&device, &placement.expert_map(rank))?,
             num_local,
             experts_scratch,
-            permuted: zeros(&device, row_elements)?,
+            permuted: zeros(&device, row_bytes)?,
+            permuted_scales: zeros(&device, product("grouped scales", &[rows, s])?)?,
             expert_out: zeros(&device, row_elements)?,
             back: zeros(&device, row_elements)?,
             ones: DeviceBuffer::from_host(&device, &vec![1.0f32; rows])?,
@@ -303,20 +357,26 @@ impl EpExchange {
 
     /// Bytes of device memory the exchange holds.
     pub fn allocated_bytes(&self) -> usize {
-        let rows = (self.permuted.len() + self.expert_out.len() + self.back.len()) * 2;
+        let rows = self.permuted.len() + (self.expert_out.len() + self.back.len()) * 2;
         let mode = match &self.buffers {
             ModeBuffers::Exact(b) => {
                 b.dispatch.allocated_bytes()
-                    + (b.send_rows.len() + b.recv_rows.len() + b.returned.len()) * 2
+                    + b.send_rows.len()
+                    + b.recv_rows.len()
+                    + b.returned.len() * 2
                     + (b.send_ids.len() + b.recv_ids.len()) * 4
+                    + (b.send_scales.len() + b.recv_scales.len()) * 4
             }
             ModeBuffers::Capacity(b) => {
-                (b.send_hidden.len() + b.gathered_hidden.len() + b.mine.len()) * 2
+                b.send_hidden.len()
+                    + b.gathered_hidden.len()
+                    + b.mine.len() * 2
                     + (b.send_ids.len() + b.gathered_ids.len() + b.identity.len()) * 4
+                    + (b.send_scales.len() + b.gathered_scales.len()) * 4
             }
         };
         rows + mode
-            + self.ones.len() * 4
+            + (self.ones.len() + self.permuted_scales.len()) * 4
             + self
                 .experts_scratch
                 .as_ref()
@@ -330,13 +390,27 @@ impl EpExchange {
             self.shape.top_k,
             self.shape.max_num_tokens,
         );
-        let len = input.hidden_states.len();
-        if len % h != 0 {
+        let (dtype, s) = (self.shape.dtype, self.shape.scale_columns);
+        let rows = input.hidden_states;
+        if rows.dtype() != dtype || rows.hidden_size() != h {
             return Err(EpError::Shape(format!(
-                "hidden_states has {len} elements, not whole rows of {h}"
+                "hidden_states are rows of {} {:?}; the exchange moves rows of {h} {dtype:?}",
+                rows.hidden_size(),
+                rows.dtype()
             )));
         }
-        let n = len / h;
+        let n = rows.num_rows();
+        match (input.scales, s) {
+            (None, 0) => {}
+            (Some(scales), s) if s > 0 && scales.columns() == s && scales.num_rows() == n => {}
+            (scales, s) => {
+                return Err(EpError::Shape(format!(
+                    "scales (rows, columns) {:?} for {n} tokens; the exchange carries {s} \
+                     scales a token",
+                    scales.map(|scales| (scales.num_rows(), scales.columns()))
+                )));
+            }
+        }
         if n > m {
             return Err(EpError::Shape(format!(
                 "{n} tokens, more than the {m} (max_num_tokens) the exchange was built for"
@@ -361,8 +435,8 @@ impl EpExchange {
     }
 
     /// Dispatches this rank's entries, runs `experts` on what this rank received, and
-    /// combines the results into `out` `[N, H]`. Every rank must call it with its own
-    /// tokens (zero is allowed). A call this rank cannot take (more than
+    /// combines the results into `out` `[N, H]` (bf16). Every rank must call it with
+    /// its own tokens (zero is allowed). A call this rank cannot take (more than
     /// `max_num_tokens` tokens, inconsistent lengths) still takes part in the
     /// exchange, as [`Self::take_part_and_fail`] does.
     pub fn forward(
@@ -395,12 +469,18 @@ impl EpExchange {
         // Empty views of memory of its own (this is the error path, not a step to
         // capture), so the exchange's buffers stay free to borrow.
         let device = self.comm.device().clone();
-        let hidden = DeviceBuffer::<bf16>::zeros(&device, 1)?;
+        let (dtype, h, s) = (
+            self.shape.dtype,
+            self.shape.hidden_size,
+            self.shape.scale_columns,
+        );
+        let hidden = DeviceBuffer::<u8>::zeros(&device, 1)?;
         let ids = DeviceBuffer::<i32>::zeros(&device, 1)?;
         let weights = DeviceBuffer::<f32>::zeros(&device, 1)?;
         let mut out = DeviceBuffer::<bf16>::zeros(&device, 1)?;
         let none = ExchangeInput {
-            hidden_states: hidden.view().prefix(0),
+            hidden_states: DeviceRows::from_bytes(hidden.view().prefix(0), dtype, h)?,
+            scales: scales_of(&weights, 0, s)?,
             topk_ids: ids.view().prefix(0),
             topk_weights: weights.view().prefix(0),
         };
@@ -427,24 +507,38 @@ impl EpExchange {
         out: DeviceViewMut<'_, bf16>,
     ) -> Result<()> {
         let (h, k) = (self.shape.hidden_size, self.shape.top_k);
+        let (dtype, s, rb) = (
+            self.shape.dtype,
+            self.shape.scale_columns,
+            self.shape.row_bytes(),
+        );
         let (w, rank) = (self.comm.world(), self.comm.rank());
         let entries = input.topk_ids.len();
         let ModeBuffers::Exact(b) = &mut self.buffers else {
             unreachable!("forward_exact runs in exact mode only")
         };
 
-        // Dispatch: entries grouped by destination rank, each row with its expert.
-        let dispatch = DevicePermuteInput::new(
-            DeviceRows::new(input.hidden_states, h)?,
+        // Dispatch: entries grouped by destination rank, each row with its scales and
+        // its expert.
+        let mut dispatch = DevicePermuteInput::new(
+            input.hidden_states,
             DeviceTopkIds::new(DeviceExpertIds::I32(input.topk_ids), k)?,
         )
         .with_expert_map(self.rank_map.view());
+        if let Some(scales) = input.scales {
+            dispatch = dispatch.with_scales(scales);
+        }
         let dest = DevicePermuteDest {
-            hidden_states: DeviceRowsMut::new(b.send_rows.view_mut().prefix(entries * h), h)?,
-            scales: None,
+            hidden_states: DeviceRowsMut::from_bytes(
+                b.send_rows.view_mut().prefix(entries * rb),
+                dtype,
+                h,
+            )?,
+            scales: (s > 0).then(|| b.send_scales.view_mut().prefix(entries * s)),
         };
         let routed = cuda::permute_into(&mut b.dispatch, stream, &dispatch, dest)?;
-        let sent_rows = routed.permuted_hidden_states.typed::<bf16>()?;
+        let sent_rows = routed.permuted_hidden_states.bytes();
+        let sent_scales = routed.permuted_scales.map(|scales| scales.data());
         moe_experts::cuda::gather_ids(
             stream,
             input.topk_ids,
@@ -472,29 +566,30 @@ impl EpExchange {
             });
         }
 
-        // Rows and ids to the ranks that hold their experts.
+        // Rows, scales and ids to the ranks that hold their experts.
         self.comm.group(|comm| {
             for peer in 0..w {
                 let (at, count) = plan.sent[peer];
                 if count > 0 {
-                    comm.send(
-                        stream,
-                        sent_rows.range("sent rows", at * h, count * h)?,
-                        peer,
-                    )?;
-                    comm.send(
-                        stream,
-                        b.send_ids.view().range("sent ids", at, count)?,
-                        peer,
-                    )?;
+                    let rows = sent_rows.range("sent rows", at * rb, count * rb)?;
+                    comm.send(stream, rows, peer)?;
+                    if let Some(scales) = sent_scales {
+                        let scales = scales.range("sent scales", at * s, count * s)?;
+                        comm.send(stream, scales, peer)?;
+                    }
+                    let ids = b.send_ids.view().range("sent ids", at, count)?;
+                    comm.send(stream, ids, peer)?;
                 }
                 let (at, count) = plan.received[peer];
                 if count > 0 {
-                    let rows = b
-                        .recv_rows
-                        .view_mut()
-                        .range("received rows", at * h, count * h)?;
+                    let rows = b.recv_rows.view_mut();
+                    let rows = rows.range("received rows", at * rb, count * rb)?;
                     comm.recv(stream, rows, peer)?;
+                    if s > 0 {
+                        let scales = b.recv_scales.view_mut();
+                        let scales = scales.range("received scales", at * s, count * s)?;
+                        comm.recv(stream, scales, peer)?;
+                    }
                     let ids = b.recv_ids.view_mut().range("received ids", at, count)?;
                     comm.recv(stream, ids, peer)?;
                 }
@@ -510,18 +605,24 @@ impl EpExchange {
                     "rank {rank} holds no experts but was sent {received} rows"
                 )));
             };
+            let rows = b.recv_rows.view().prefix(received * rb);
             run_local_experts(
                 stream,
                 scratch,
                 experts,
                 RowsToExperts {
-                    rows: b.recv_rows.view().prefix(received * h),
+                    rows: DeviceRows::from_bytes(rows, dtype, h)?,
+                    scales: scales_of(&b.recv_scales, received, s)?,
                     ids: b.recv_ids.view().prefix(received),
                     topk: 1,
                     expert_map: self.expert_map.view(),
-                    hidden_size: h,
                 },
-                (&mut self.permuted, &mut self.expert_out, self.ones.view()),
+                ExpertBuffers {
+                    permuted: &mut self.permuted,
+                    permuted_scales: &mut self.permuted_scales,
+                    expert_out: &mut self.expert_out,
+                    ones: self.ones.view(),
+                },
                 self.back.view_mut().prefix(received * h),
             )?;
         }
@@ -531,18 +632,13 @@ impl EpExchange {
             for peer in 0..w {
                 let (at, count) = plan.received[peer];
                 if count > 0 {
-                    comm.send(
-                        stream,
-                        self.back.view().range("results", at * h, count * h)?,
-                        peer,
-                    )?;
+                    let results = self.back.view().range("results", at * h, count * h)?;
+                    comm.send(stream, results, peer)?;
                 }
                 let (at, count) = plan.sent[peer];
                 if count > 0 {
-                    let rows = b
-                        .returned
-                        .view_mut()
-                        .range("returned rows", at * h, count * h)?;
+                    let rows = b.returned.view_mut();
+                    let rows = rows.range("returned rows", at * h, count * h)?;
                     comm.recv(stream, rows, peer)?;
                 }
             }
@@ -570,43 +666,63 @@ impl EpExchange {
         out: DeviceViewMut<'_, bf16>,
     ) -> Result<()> {
         let (h, k) = (self.shape.hidden_size, self.shape.top_k);
+        let (dtype, s, rb) = (
+            self.shape.dtype,
+            self.shape.scale_columns,
+            self.shape.row_bytes(),
+        );
         let (m, w) = (self.shape.max_num_tokens, self.comm.world());
         let entries = input.topk_ids.len();
         let ModeBuffers::Capacity(b) = &mut self.buffers else {
             unreachable!("forward_capacity runs in capacity mode only")
         };
 
-        // Every rank's tokens to every rank: rows, and ids with -1 past N.
-        input.hidden_states.copy_into(
-            b.send_hidden.view_mut().prefix(input.hidden_states.len()),
-            stream,
-        )?;
+        // Every rank's tokens to every rank: rows, scales, and ids with -1 past N.
+        let rows = input.hidden_states.bytes();
+        rows.copy_into(b.send_hidden.view_mut().prefix(rows.len()), stream)?;
+        if let Some(scales) = input.scales {
+            let scales = scales.data();
+            scales.copy_into(b.send_scales.view_mut().prefix(scales.len()), stream)?;
+        }
         fill(stream, b.send_ids.view_mut(), 0xff)?;
         input
             .topk_ids
             .copy_into(b.send_ids.view_mut().prefix(entries), stream)?;
         self.comm.group(|comm| {
-            comm.all_gather(stream, b.send_hidden.view(), b.gathered_hidden.view_mut())?;
+            let all_rows = b.gathered_hidden.view_mut().prefix(w * m * rb);
+            comm.all_gather(stream, b.send_hidden.view().prefix(m * rb), all_rows)?;
+            if s > 0 {
+                let all_scales = b.gathered_scales.view_mut().prefix(w * m * s);
+                comm.all_gather(stream, b.send_scales.view().prefix(m * s), all_scales)?;
+            }
             comm.all_gather(stream, b.send_ids.view(), b.gathered_ids.view_mut())
         })?;
 
         // This rank's experts on every entry they hold; zeros for the others.
         let gathered = w * m * k;
         match self.experts_scratch.as_mut() {
-            Some(scratch) => run_local_experts(
-                stream,
-                scratch,
-                experts,
-                RowsToExperts {
-                    rows: b.gathered_hidden.view(),
-                    ids: b.gathered_ids.view(),
-                    topk: k,
-                    expert_map: self.expert_map.view(),
-                    hidden_size: h,
-                },
-                (&mut self.permuted, &mut self.expert_out, self.ones.view()),
-                self.back.view_mut().prefix(gathered * h),
-            )?,
+            Some(scratch) => {
+                let rows = b.gathered_hidden.view().prefix(w * m * rb);
+                run_local_experts(
+                    stream,
+                    scratch,
+                    experts,
+                    RowsToExperts {
+                        rows: DeviceRows::from_bytes(rows, dtype, h)?,
+                        scales: scales_of(&b.gathered_scales, w * m, s)?,
+                        ids: b.gathered_ids.view(),
+                        topk: k,
+                        expert_map: self.expert_map.view(),
+                    },
+                    ExpertBuffers {
+                        permuted: &mut self.permuted,
+                        permuted_scales: &mut self.permuted_scales,
+                        expert_out: &mut self.expert_out,
+                        ones: self.ones.view(),
+                    },
+                    self.back.view_mut().prefix(gathered * h),
+                )?
+            }
             None => fill(stream, self.back.view_mut().prefix(gathered * h), 0)?,
         }
 
@@ -629,13 +745,37 @@ impl EpExchange {
     }
 }
 
-/// What a rank's experts are given: `[T, H]` rows, each with `topk` global expert ids.
+/// What a rank's experts are given: `[T, H]` rows (with their scales), each with
+/// `topk` global expert ids.
 struct RowsToExperts<'a> {
-    rows: DeviceView<'a, bf16>,
+    rows: DeviceRows<'a>,
+    scales: Option<DeviceScales<'a>>,
     ids: DeviceView<'a, i32>,
     topk: usize,
     expert_map: DeviceView<'a, i32>,
-    hidden_size: usize,
+}
+
+/// Where [`run_local_experts`] works.
+struct ExpertBuffers<'a> {
+    /// Rows (bytes) and scales grouped by local expert.
+    permuted: &'a mut DeviceBuffer<u8>,
+    permuted_scales: &'a mut DeviceBuffer<f32>,
+    /// The experts' bf16 outputs, in grouped order.
+    expert_out: &'a mut DeviceBuffer<bf16>,
+    /// At least one 1.0 per entry.
+    ones: DeviceView<'a, f32>,
+}
+
+/// The first `rows` rows of `s` scales in `buffer`, or `None` when `s` is 0.
+fn scales_of(
+    buffer: &DeviceBuffer<f32>,
+    rows: usize,
+    s: usize,
+) -> Result<Option<DeviceScales<'_>>> {
+    if s == 0 {
+        return Ok(None);
+    }
+    Ok(Some(DeviceScales::new(buffer.view().prefix(rows * s), s)?))
 }
 
 /// Groups `input`'s entries held here by local expert (permute with the rank's
@@ -647,36 +787,51 @@ fn run_local_experts(
     scratch: &mut PermuteScratch,
     experts: &mut dyn LocalExperts,
     input: RowsToExperts<'_>,
-    (permuted, expert_out, ones): (
-        &mut DeviceBuffer<bf16>,
-        &mut DeviceBuffer<bf16>,
-        DeviceView<'_, f32>,
-    ),
+    buffers: ExpertBuffers<'_>,
     out: DeviceViewMut<'_, bf16>,
 ) -> Result<()> {
-    let h = input.hidden_size;
+    let (h, dtype, row_bytes) = (
+        input.rows.hidden_size(),
+        input.rows.dtype(),
+        input.rows.row_bytes(),
+    );
     let entries = input.ids.len();
-    let permute = DevicePermuteInput::new(
-        DeviceRows::new(input.rows, h)?,
+    let mut permute = DevicePermuteInput::new(
+        input.rows,
         DeviceTopkIds::new(DeviceExpertIds::I32(input.ids), input.topk)?,
     )
     .with_expert_map(input.expert_map);
+    let mut scale_columns = 0;
+    if let Some(scales) = input.scales {
+        scale_columns = scales.columns();
+        permute = permute.with_scales(scales);
+    }
     let dest = DevicePermuteDest {
-        hidden_states: DeviceRowsMut::new(permuted.view_mut().prefix(entries * h), h)?,
-        scales: None,
+        hidden_states: DeviceRowsMut::from_bytes(
+            buffers.permuted.view_mut().prefix(entries * row_bytes),
+            dtype,
+            h,
+        )?,
+        scales: (scale_columns > 0).then(|| {
+            buffers
+                .permuted_scales
+                .view_mut()
+                .prefix(entries * scale_columns)
+        }),
     };
     let routed = cuda::permute_into(scratch, stream, &permute, dest)?;
     experts.run(
         stream,
-        routed.permuted_hidden_states.typed::<bf16>()?,
+        routed.permuted_hidden_states,
+        routed.permuted_scales,
         routed.expert_first_token_offset,
-        expert_out.view_mut().prefix(entries * h),
+        buffers.expert_out.view_mut().prefix(entries * h),
     )?;
     let per_entry = DeviceUnpermuteInput {
-        permuted_hidden_states: DeviceRows::new(expert_out.view().prefix(entries * h), h)?,
+        permuted_hidden_states: DeviceRows::new(buffers.expert_out.view().prefix(entries * h), h)?,
         inv_permuted_idx: routed.inv_permuted_idx,
         expert_first_token_offset: routed.expert_first_token_offset,
-        topk_weights: ones.prefix(entries),
+        topk_weights: buffers.ones.prefix(entries),
         topk: 1,
         status: routed.status,
     };

@@ -115,6 +115,7 @@ mod sealed {
     impl Sealed for f32 {}
     impl Sealed for i32 {}
     impl Sealed for i64 {}
+    impl Sealed for u8 {}
 }
 impl NcclElement for bf16 {
     const TYPE: sys::ncclDataType_t = sys::ncclDataType_t::ncclBfloat16;
@@ -127,6 +128,10 @@ impl NcclElement for i32 {
 }
 impl NcclElement for i64 {
     const TYPE: sys::ncclDataType_t = sys::ncclDataType_t::ncclInt64;
+}
+/// Rows of any type travel as bytes.
+impl NcclElement for u8 {
+    const TYPE: sys::ncclDataType_t = sys::ncclDataType_t::ncclUint8;
 }
 
 /// An NCCL communicator handle; NCCL lets one thread at a time queue on it.

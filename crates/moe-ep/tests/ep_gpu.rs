@@ -120,6 +120,11 @@ fn a_call_too_large_on_one_rank_fails_without_a_hang() {
 }
 
 #[test]
+fn fp8_rows_travel_with_their_scales_in_both_modes() {
+    run_case("fp8-scales");
+}
+
+#[test]
 fn capacity_mode_replays_as_a_cuda_graph() {
     run_case("graph-capacity");
 }
@@ -162,6 +167,10 @@ fn rank_process() {
         "two-owners" => rank.two_owners(),
         "too-many-tokens" => rank.too_many_tokens(),
         "graph-capacity" => rank.graph_capacity(),
+        "fp8-scales" => {
+            rank.fp8_scales(ExchangeMode::Exact);
+            rank.fp8_scales(ExchangeMode::Capacity);
+        }
         other => panic!("no case {other}"),
     }
     println!("rank {} passed {case}", env.rank);
@@ -234,6 +243,64 @@ fn worst_error(got: &[bf16], want: &[bf16], h: usize) -> f32 {
             diff / scale
         })
         .fold(0.0, f32::max)
+}
+
+/// The global id of token `t` of `rank`, which its row bytes and scales encode.
+fn token_id(rank: usize, t: usize) -> usize {
+    rank * 1000 + t
+}
+
+fn fp8_row(id: usize, h: usize) -> Vec<u8> {
+    (0..h).map(|j| ((id * 7 + j * 13) % 251) as u8).collect()
+}
+
+/// Experts that check every row they are given came with its own scales (both
+/// encode the token), then answer each row with its global expert's id in every
+/// column: what comes back, weighted, tells which experts each token reached.
+struct CheckingExperts {
+    local_experts: Vec<usize>,
+    hidden_size: usize,
+    rows_seen: usize,
+}
+
+impl moe_ep::LocalExperts for CheckingExperts {
+    fn run(
+        &mut self,
+        stream: &moe_runtime::cuda::Stream<'_>,
+        rows: moe_runtime::cuda::DeviceRows<'_>,
+        scales: Option<moe_runtime::cuda::DeviceScales<'_>>,
+        offsets: moe_runtime::cuda::DeviceView<'_, i64>,
+        out: moe_runtime::cuda::DeviceViewMut<'_, bf16>,
+    ) -> moe_ep::Result<()> {
+        let h = self.hidden_size;
+        assert_eq!(rows.dtype(), moe_runtime::DType::Fp8E4M3);
+        let bytes = rows.bytes().to_host(stream)?;
+        let scales = scales
+            .expect("the exchange carries scales")
+            .data()
+            .to_host(stream)?;
+        let offsets = offsets.to_host(stream)?;
+        let mut answer = vec![bf16::ZERO; out.len()];
+        for (local, bounds) in offsets.windows(2).enumerate() {
+            for r in bounds[0] as usize..bounds[1] as usize {
+                let id = scales[2 * r] as usize;
+                assert_eq!(scales[2 * r + 1], -(id as f32), "row {r}'s scales");
+                assert_eq!(
+                    &bytes[r * h..][..h],
+                    &fp8_row(id, h)[..],
+                    "row {r} of token {id}"
+                );
+                let expert = self.local_experts[local] as f32;
+                answer[r * h..][..h].fill(bf16::from_f32(expert));
+                self.rows_seen += 1;
+            }
+        }
+        let device = CudaDevice::new(stream.device().ordinal())?;
+        DeviceBuffer::from_host(&device, &answer)?
+            .view()
+            .copy_into(out, stream)?;
+        Ok(())
+    }
 }
 
 impl Rank {
@@ -415,6 +482,97 @@ impl Rank {
             let want = reference.forward(&stream, &hidden).unwrap();
             assert!(worst_error(&got.hidden_states, &want.hidden_states, h) <= 1.0 / 64.0);
         }
+    }
+
+    /// fp8 rows and two scales a token through the exchange alone: every row reaches
+    /// the experts with its own bytes and scales (checked there), dropped entries
+    /// (id -1) reach none, and the weighted sums of the experts' answers come back.
+    fn fp8_scales(&self, mode: ExchangeMode) {
+        use moe_ep::{EpExchange, ExchangeInput, ExchangeShape};
+        use moe_runtime::DType;
+        use moe_runtime::cuda::{DeviceRows, DeviceScales};
+        let cu_stream = self.stream();
+        let stream = self.device.stream(&cu_stream).unwrap();
+        let (e, k, h, max) = (8, 2, 64, 16);
+        let placement = ExpertPlacement::contiguous(e, self.world).unwrap();
+        let shape = ExchangeShape::bf16(e, k, h, max).with_rows(DType::Fp8E4M3, 2);
+        let mut exchange =
+            EpExchange::new(self.comm.clone(), placement.clone(), shape, mode).unwrap();
+        let mut experts = CheckingExperts {
+            local_experts: placement.local_experts(self.rank),
+            hidden_size: h,
+            rows_seen: 0,
+        };
+        for round in 0..2 {
+            let tokens = [[11, 0, 5, 16], [1, 16, 0, 3]][round][self.rank % 4];
+            let ids: Vec<i32> = (0..tokens * k)
+                .map(|f| {
+                    let (t, slot) = (f / k, f % k);
+                    if (t + round) % 5 == 3 && slot == 1 {
+                        -1 // dropped
+                    } else {
+                        ((t * 3 + slot * 5 + self.rank + round) % e) as i32
+                    }
+                })
+                .collect();
+            let weights: Vec<f32> = (0..tokens * k).map(|f| [0.5, 0.25][f % k]).collect();
+            let rows: Vec<u8> = (0..tokens)
+                .flat_map(|t| fp8_row(token_id(self.rank, t), h))
+                .collect();
+            let scales: Vec<f32> = (0..tokens)
+                .flat_map(|t| {
+                    let id = token_id(self.rank, t) as f32;
+                    [id, -id]
+                })
+                .collect();
+            let upload_u8 =
+                DeviceBuffer::from_host(&self.device, &[rows.clone(), vec![0]].concat()).unwrap();
+            let upload_f32 =
+                |v: &[f32]| DeviceBuffer::from_host(&self.device, &[v, &[0.0]].concat()).unwrap();
+            let scales_dev = upload_f32(&scales);
+            let weights_dev = upload_f32(&weights);
+            let ids_dev =
+                DeviceBuffer::from_host(&self.device, &[&ids[..], &[0]].concat()).unwrap();
+            let mut out = DeviceBuffer::<bf16>::zeros(&self.device, tokens * h + 1).unwrap();
+            exchange
+                .forward(
+                    &stream,
+                    ExchangeInput {
+                        hidden_states: DeviceRows::from_bytes(
+                            upload_u8.view().prefix(tokens * h),
+                            DType::Fp8E4M3,
+                            h,
+                        )
+                        .unwrap(),
+                        scales: Some(
+                            DeviceScales::new(scales_dev.view().prefix(tokens * 2), 2).unwrap(),
+                        ),
+                        topk_ids: ids_dev.view().prefix(tokens * k),
+                        topk_weights: weights_dev.view().prefix(tokens * k),
+                    },
+                    &mut experts,
+                    out.view_mut().prefix(tokens * h),
+                )
+                .unwrap();
+            let got = out.view().prefix(tokens * h).to_host(&stream).unwrap();
+            for t in 0..tokens {
+                let want: f32 = (0..k)
+                    .filter(|&slot| ids[t * k + slot] >= 0)
+                    .map(|slot| weights[t * k + slot] * ids[t * k + slot] as f32)
+                    .sum();
+                for j in 0..h {
+                    assert_eq!(
+                        got[t * h + j].to_f32(),
+                        want,
+                        "{mode:?} token {t} column {j}"
+                    );
+                }
+            }
+        }
+        println!(
+            "rank {} {mode:?}: experts saw {} rows",
+            self.rank, experts.rows_seen
+        );
     }
 
     /// Capacity mode captured once in a CUDA graph on every rank, replayed on new
