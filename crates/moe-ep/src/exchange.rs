@@ -185,19 +185,8 @@ pub struct EpExchange {
     mode: ExchangeMode,
     /// `[E]`: each expert's rank (the dispatch's map) and its local id here.
     rank_map: DeviceBuffer<i32>,
-    expert_map: DeviceBuffer<i32>,
     num_local: usize,
-    /// Groups what this rank received by local expert (`None` with no experts here).
-    experts_scratch: Option<PermuteScratch>,
-    /// `[W * M * K, H]`: received rows grouped by local expert (bytes, and their
-    /// scales), the experts' outputs, and those outputs per received row (exact) or
-    /// per gathered entry (capacity).
-    permuted: DeviceBuffer<u8>,
-    permuted_scales: DeviceBuffer<f32>,
-    expert_out: DeviceBuffer<bf16>,
-    back: DeviceBuffer<bf16>,
-    /// `[W * M * K]` ones: the weights of the per-row unpermute.
-    ones: DeviceBuffer<f32>,
+    local: LocalSide,
     status: StatusBuffer,
     buffers: ModeBuffers,
 }
@@ -313,14 +302,16 @@ impl EpExchange {
         }
         Ok(Self {
             rank_map: DeviceBuffer::from_host(&device, &placement.rank_map())?,
-            expert_map: DeviceBuffer::from_host(&device, &placement.expert_map(rank))?,
             num_local,
-            experts_scratch,
-            permuted: zeros(&device, row_bytes)?,
-            permuted_scales: zeros(&device, product("grouped scales", &[rows, s])?)?,
-            expert_out: zeros(&device, row_elements)?,
-            back: zeros(&device, row_elements)?,
-            ones: DeviceBuffer::from_host(&device, &vec![1.0f32; rows])?,
+            local: LocalSide {
+                scratch: experts_scratch,
+                expert_map: DeviceBuffer::from_host(&device, &placement.expert_map(rank))?,
+                permuted: zeros(&device, row_bytes)?,
+                permuted_scales: zeros(&device, product("grouped scales", &[rows, s])?)?,
+                expert_out: zeros(&device, row_elements)?,
+                results: zeros(&device, row_elements)?,
+                ones: DeviceBuffer::from_host(&device, &vec![1.0f32; rows])?,
+            },
             status: StatusBuffer::new(&device)?,
             buffers,
             comm,
@@ -357,7 +348,8 @@ impl EpExchange {
 
     /// Bytes of device memory the exchange holds.
     pub fn allocated_bytes(&self) -> usize {
-        let rows = self.permuted.len() + (self.expert_out.len() + self.back.len()) * 2;
+        let local = &self.local;
+        let rows = local.permuted.len() + (local.expert_out.len() + local.results.len()) * 2;
         let mode = match &self.buffers {
             ModeBuffers::Exact(b) => {
                 b.dispatch.allocated_bytes()
@@ -376,9 +368,9 @@ impl EpExchange {
             }
         };
         rows + mode
-            + (self.ones.len() + self.permuted_scales.len()) * 4
-            + self
-                .experts_scratch
+            + (local.ones.len() + local.permuted_scales.len()) * 4
+            + local
+                .scratch
                 .as_ref()
                 .map_or(0, PermuteScratch::allocated_bytes)
     }
@@ -600,30 +592,13 @@ impl EpExchange {
         // This rank's experts, one row each, back in the order received.
         let received = plan.total_received;
         if received > 0 {
-            let Some(scratch) = self.experts_scratch.as_mut() else {
-                return Err(EpError::Shape(format!(
-                    "rank {rank} holds no experts but was sent {received} rows"
-                )));
-            };
             let rows = b.recv_rows.view().prefix(received * rb);
-            run_local_experts(
+            self.local.run(
                 stream,
-                scratch,
                 experts,
-                RowsToExperts {
-                    rows: DeviceRows::from_bytes(rows, dtype, h)?,
-                    scales: scales_of(&b.recv_scales, received, s)?,
-                    ids: b.recv_ids.view().prefix(received),
-                    topk: 1,
-                    expert_map: self.expert_map.view(),
-                },
-                ExpertBuffers {
-                    permuted: &mut self.permuted,
-                    permuted_scales: &mut self.permuted_scales,
-                    expert_out: &mut self.expert_out,
-                    ones: self.ones.view(),
-                },
-                self.back.view_mut().prefix(received * h),
+                DeviceRows::from_bytes(rows, dtype, h)?,
+                scales_of(&b.recv_scales, received, s)?,
+                DeviceTopkIds::new(DeviceExpertIds::I32(b.recv_ids.view().prefix(received)), 1)?,
             )?;
         }
 
@@ -632,7 +607,8 @@ impl EpExchange {
             for peer in 0..w {
                 let (at, count) = plan.received[peer];
                 if count > 0 {
-                    let results = self.back.view().range("results", at * h, count * h)?;
+                    let results = self.local.results.view();
+                    let results = results.range("results", at * h, count * h)?;
                     comm.send(stream, results, peer)?;
                 }
                 let (at, count) = plan.sent[peer];
@@ -700,36 +676,19 @@ impl EpExchange {
 
         // This rank's experts on every entry they hold; zeros for the others.
         let gathered = w * m * k;
-        match self.experts_scratch.as_mut() {
-            Some(scratch) => {
-                let rows = b.gathered_hidden.view().prefix(w * m * rb);
-                run_local_experts(
-                    stream,
-                    scratch,
-                    experts,
-                    RowsToExperts {
-                        rows: DeviceRows::from_bytes(rows, dtype, h)?,
-                        scales: scales_of(&b.gathered_scales, w * m, s)?,
-                        ids: b.gathered_ids.view(),
-                        topk: k,
-                        expert_map: self.expert_map.view(),
-                    },
-                    ExpertBuffers {
-                        permuted: &mut self.permuted,
-                        permuted_scales: &mut self.permuted_scales,
-                        expert_out: &mut self.expert_out,
-                        ones: self.ones.view(),
-                    },
-                    self.back.view_mut().prefix(gathered * h),
-                )?
-            }
-            None => fill(stream, self.back.view_mut().prefix(gathered * h), 0)?,
-        }
+        let rows = b.gathered_hidden.view().prefix(w * m * rb);
+        self.local.run(
+            stream,
+            experts,
+            DeviceRows::from_bytes(rows, dtype, h)?,
+            scales_of(&b.gathered_scales, w * m, s)?,
+            DeviceTopkIds::new(DeviceExpertIds::I32(b.gathered_ids.view()), k)?,
+        )?;
 
         // Each entry back to its rank: one rank wrote it, the others zeros.
         self.comm.reduce_scatter_sum(
             stream,
-            self.back.view().prefix(gathered * h),
+            self.local.results.view().prefix(gathered * h),
             b.mine.view_mut(),
         )?;
         let combine = DeviceUnpermuteInput {
@@ -745,25 +704,81 @@ impl EpExchange {
     }
 }
 
-/// What a rank's experts are given: `[T, H]` rows (with their scales), each with
-/// `topk` global expert ids.
-struct RowsToExperts<'a> {
-    rows: DeviceRows<'a>,
-    scales: Option<DeviceScales<'a>>,
-    ids: DeviceView<'a, i32>,
-    topk: usize,
-    expert_map: DeviceView<'a, i32>,
+/// What a rank does between dispatch and combine: group what it received by local
+/// expert, run its experts, and lay each entry's result out for the way back.
+#[derive(Debug)]
+struct LocalSide {
+    /// Groups what this rank received by local expert (`None` with no experts here).
+    scratch: Option<PermuteScratch>,
+    /// `[E]`: each expert's local id here, or -1.
+    expert_map: DeviceBuffer<i32>,
+    /// `[W * M * K, H]`: received rows grouped by local expert (bytes, and their
+    /// scales), the experts' bf16 outputs in that order, and those outputs per
+    /// received row (exact) or per gathered entry (capacity).
+    permuted: DeviceBuffer<u8>,
+    permuted_scales: DeviceBuffer<f32>,
+    expert_out: DeviceBuffer<bf16>,
+    results: DeviceBuffer<bf16>,
+    /// `[W * M * K]` ones: the weights of the per-entry unpermute.
+    ones: DeviceBuffer<f32>,
 }
 
-/// Where [`run_local_experts`] works.
-struct ExpertBuffers<'a> {
-    /// Rows (bytes) and scales grouped by local expert.
-    permuted: &'a mut DeviceBuffer<u8>,
-    permuted_scales: &'a mut DeviceBuffer<f32>,
-    /// The experts' bf16 outputs, in grouped order.
-    expert_out: &'a mut DeviceBuffer<bf16>,
-    /// At least one 1.0 per entry.
-    ones: DeviceView<'a, f32>,
+impl LocalSide {
+    /// Groups the entries of `ids` held here by local expert (permute with the rank's
+    /// map, rows and scales together), runs `experts`, and writes each entry's result
+    /// to `results[f]` (`[T * topk, H]`; zeros for entries held elsewhere): unpermute
+    /// with one weight of 1 per entry, an exact copy.
+    fn run(
+        &mut self,
+        stream: &Stream<'_>,
+        experts: &mut dyn LocalExperts,
+        rows: DeviceRows<'_>,
+        scales: Option<DeviceScales<'_>>,
+        ids: DeviceTopkIds<'_>,
+    ) -> Result<()> {
+        let (h, dtype, row_bytes) = (rows.hidden_size(), rows.dtype(), rows.row_bytes());
+        let entries = ids.ids().len();
+        let results = self.results.view_mut().prefix(entries * h);
+        let Some(scratch) = self.scratch.as_mut() else {
+            return fill(stream, results, 0);
+        };
+        let mut permute =
+            DevicePermuteInput::new(rows, ids).with_expert_map(self.expert_map.view());
+        let scale_columns = scales.map_or(0, |scales| scales.columns());
+        if let Some(scales) = scales {
+            permute = permute.with_scales(scales);
+        }
+        let dest = DevicePermuteDest {
+            hidden_states: DeviceRowsMut::from_bytes(
+                self.permuted.view_mut().prefix(entries * row_bytes),
+                dtype,
+                h,
+            )?,
+            scales: (scale_columns > 0).then(|| {
+                self.permuted_scales
+                    .view_mut()
+                    .prefix(entries * scale_columns)
+            }),
+        };
+        let routed = cuda::permute_into(scratch, stream, &permute, dest)?;
+        experts.run(
+            stream,
+            routed.permuted_hidden_states,
+            routed.permuted_scales,
+            routed.expert_first_token_offset,
+            self.expert_out.view_mut().prefix(entries * h),
+        )?;
+        let per_entry = DeviceUnpermuteInput {
+            permuted_hidden_states: DeviceRows::new(self.expert_out.view().prefix(entries * h), h)?,
+            inv_permuted_idx: routed.inv_permuted_idx,
+            expert_first_token_offset: routed.expert_first_token_offset,
+            topk_weights: self.ones.view().prefix(entries),
+            topk: 1,
+            status: routed.status,
+        };
+        cuda::unpermute_into(stream, &per_entry, DeviceRowsMut::new(results, h)?)?;
+        Ok(())
+    }
 }
 
 /// The first `rows` rows of `s` scales in `buffer`, or `None` when `s` is 0.
@@ -776,67 +791,6 @@ fn scales_of(
         return Ok(None);
     }
     Ok(Some(DeviceScales::new(buffer.view().prefix(rows * s), s)?))
-}
-
-/// Groups `input`'s entries held here by local expert (permute with the rank's
-/// map), runs `experts`, and writes each entry's result to `out[f]` `[T * topk, H]`
-/// (zeros for entries held elsewhere): unpermute with one weight of 1 per entry, an
-/// exact copy.
-fn run_local_experts(
-    stream: &Stream<'_>,
-    scratch: &mut PermuteScratch,
-    experts: &mut dyn LocalExperts,
-    input: RowsToExperts<'_>,
-    buffers: ExpertBuffers<'_>,
-    out: DeviceViewMut<'_, bf16>,
-) -> Result<()> {
-    let (h, dtype, row_bytes) = (
-        input.rows.hidden_size(),
-        input.rows.dtype(),
-        input.rows.row_bytes(),
-    );
-    let entries = input.ids.len();
-    let mut permute = DevicePermuteInput::new(
-        input.rows,
-        DeviceTopkIds::new(DeviceExpertIds::I32(input.ids), input.topk)?,
-    )
-    .with_expert_map(input.expert_map);
-    let mut scale_columns = 0;
-    if let Some(scales) = input.scales {
-        scale_columns = scales.columns();
-        permute = permute.with_scales(scales);
-    }
-    let dest = DevicePermuteDest {
-        hidden_states: DeviceRowsMut::from_bytes(
-            buffers.permuted.view_mut().prefix(entries * row_bytes),
-            dtype,
-            h,
-        )?,
-        scales: (scale_columns > 0).then(|| {
-            buffers
-                .permuted_scales
-                .view_mut()
-                .prefix(entries * scale_columns)
-        }),
-    };
-    let routed = cuda::permute_into(scratch, stream, &permute, dest)?;
-    experts.run(
-        stream,
-        routed.permuted_hidden_states,
-        routed.permuted_scales,
-        routed.expert_first_token_offset,
-        buffers.expert_out.view_mut().prefix(entries * h),
-    )?;
-    let per_entry = DeviceUnpermuteInput {
-        permuted_hidden_states: DeviceRows::new(buffers.expert_out.view().prefix(entries * h), h)?,
-        inv_permuted_idx: routed.inv_permuted_idx,
-        expert_first_token_offset: routed.expert_first_token_offset,
-        topk_weights: buffers.ones.prefix(entries),
-        topk: 1,
-        status: routed.status,
-    };
-    cuda::unpermute_into(stream, &per_entry, DeviceRowsMut::new(out, h)?)?;
-    Ok(())
 }
 
 /// Who sends how many rows to whom in one exact-mode call, from every rank's

@@ -279,6 +279,17 @@ impl Queue<'_> {
         Ok(stream.cu_stream() as sys::cudaStream_t)
     }
 
+    /// A collective's buffers: `all` holds one `part` per rank.
+    fn check_world_sized(&self, what: &str, all: usize, part: usize) -> Result<()> {
+        let world = self.owner.world;
+        if all != part * world {
+            return Err(EpError::Shape(format!(
+                "{what} of {part} elements per rank over {world} ranks, with {all} in all"
+            )));
+        }
+        Ok(())
+    }
+
     fn peer(&self, peer: usize) -> Result<c_int> {
         if peer >= self.owner.world {
             return Err(EpError::Shape(format!(
@@ -342,14 +353,7 @@ impl Queue<'_> {
         data: DeviceView<'_, T>,
         gathered: DeviceViewMut<'_, T>,
     ) -> Result<()> {
-        if gathered.len() != data.len() * self.owner.world {
-            return Err(EpError::Shape(format!(
-                "an all-gather of {} elements from {} ranks into {}",
-                data.len(),
-                self.owner.world,
-                gathered.len()
-            )));
-        }
+        self.check_world_sized("an all-gather", gathered.len(), data.len())?;
         let stream = self.stream_of(stream)?;
         // SAFETY: `data` holds `n` and `gathered` `world * n` elements (checked) of the
         // communicator's GPU, alive until the stream passes this point.
@@ -373,14 +377,7 @@ impl Queue<'_> {
         data: DeviceView<'_, T>,
         mine: DeviceViewMut<'_, T>,
     ) -> Result<()> {
-        if data.len() != mine.len() * self.owner.world {
-            return Err(EpError::Shape(format!(
-                "a reduce-scatter of {} elements over {} ranks into {}",
-                data.len(),
-                self.owner.world,
-                mine.len()
-            )));
-        }
+        self.check_world_sized("a reduce-scatter", data.len(), mine.len())?;
         let stream = self.stream_of(stream)?;
         // SAFETY: `data` holds `world * n` and `mine` `n` elements (checked) of the
         // communicator's GPU, alive until the stream passes this point.
