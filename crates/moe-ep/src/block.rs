@@ -2,6 +2,7 @@
 //! (the router is replicated), the exchange sends their entries to the experts' ranks
 //! and back, and each rank adds the shared expert for its own tokens.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use half::bf16;
@@ -138,54 +139,9 @@ impl EpMoeBlock {
         max_num_tokens: usize,
     ) -> Result<Self> {
         let device = comm.device().clone();
-        let cu_stream = device.new_stream()?;
-        let stream = device.stream(&cu_stream)?;
         let local = Self::check_locally(&config, weights, expert_map);
-        let routing = match &config.routing {
-            Routing::Softmax => "softmax".to_string(),
-            Routing::Grouped(grouped) => format!("{grouped:?}"),
-        };
-        let header: Vec<i64> = [
-            config.hidden_size,
-            config.intermediate_size,
-            config.num_experts,
-            config.top_k,
-        ]
-        .iter()
-        .map(|&v| v as i64)
-        .chain([
-            fingerprint(&routing),
-            i64::from(config.norm_topk_prob),
-            config.shared_intermediate_size as i64,
-            max_num_tokens as i64,
-            fingerprint(mode.name()),
-            expert_map.len() as i64,
-            i64::from(local.is_err()),
-        ])
-        .collect();
+        let placement = Self::agree(&comm, &config, expert_map, mode, max_num_tokens, local)?;
         let world = comm.world();
-        let headers = gather_on_host(&comm, &stream, &header)?;
-        let headers: Vec<&[i64]> = headers.chunks(header.len()).collect();
-        if let Some(rank) = headers.iter().position(|h| h[AGREED.len()] != 0) {
-            local?;
-            return Err(EpError::PeerFailed {
-                rank,
-                what: "its setup",
-            });
-        }
-        local?;
-        for (field, what) in AGREED.iter().enumerate() {
-            if headers.iter().any(|h| h[field] != headers[0][field]) {
-                let values = (0..world)
-                    .map(|r| format!("rank {r}: {}", headers[r][field]))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                return Err(EpError::RanksDisagree { what, values });
-            }
-        }
-        let maps = gather_on_host(&comm, &stream, expert_map)?;
-        let maps: Vec<Vec<i32>> = maps.chunks(expert_map.len()).map(<[i32]>::to_vec).collect();
-        let placement = ExpertPlacement::from_expert_maps(&maps)?;
 
         let (h, i, e, k) = (
             config.hidden_size,
@@ -242,6 +198,102 @@ impl EpMoeBlock {
             max_num_tokens,
             config,
         })
+    }
+
+    /// This rank's block from a checkpoint: the layer under `prefix` (as
+    /// [`MoeWeights::load`] finds it), of whose experts this rank reads only the ones
+    /// `expert_map` gives it ([`MoeWeights::load_experts`]). Collective like
+    /// [`Self::new`]: a rank that cannot read the checkpoint still takes part in the
+    /// setup, so every rank returns an error.
+    pub fn load(
+        comm: Arc<Communicator>,
+        checkpoint: &Path,
+        prefix: &str,
+        config: MoeConfig,
+        expert_map: &[i32],
+        mode: ExchangeMode,
+        max_num_tokens: usize,
+    ) -> Result<Self> {
+        let experts: Vec<usize> = (0..expert_map.len())
+            .filter(|&e| expert_map[e] >= 0)
+            .collect();
+        match MoeWeights::load_experts(checkpoint, prefix, &experts) {
+            Ok((weights, _)) => Self::new(comm, config, &weights, expert_map, mode, max_num_tokens),
+            Err(error) => {
+                let failed = Self::agree(
+                    &comm,
+                    &config,
+                    expert_map,
+                    mode,
+                    max_num_tokens,
+                    Err(error.into()),
+                );
+                Err(failed
+                    .err()
+                    .unwrap_or_else(|| EpError::Shape("the checkpoint could not be read".into())))
+            }
+        }
+    }
+
+    /// The setup every rank runs alike: gathers each rank's settings and whether its
+    /// own checks (`local`) passed, compares them, gathers the expert maps, and
+    /// returns the placement, or the same error on every rank.
+    fn agree(
+        comm: &Communicator,
+        config: &MoeConfig,
+        expert_map: &[i32],
+        mode: ExchangeMode,
+        max_num_tokens: usize,
+        local: Result<()>,
+    ) -> Result<ExpertPlacement> {
+        let device = comm.device();
+        let cu_stream = device.new_stream()?;
+        let stream = device.stream(&cu_stream)?;
+        let routing = match &config.routing {
+            Routing::Softmax => "softmax".to_string(),
+            Routing::Grouped(grouped) => format!("{grouped:?}"),
+        };
+        let header: Vec<i64> = [
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_experts,
+            config.top_k,
+        ]
+        .iter()
+        .map(|&v| v as i64)
+        .chain([
+            fingerprint(&routing),
+            i64::from(config.norm_topk_prob),
+            config.shared_intermediate_size as i64,
+            max_num_tokens as i64,
+            fingerprint(mode.name()),
+            expert_map.len() as i64,
+            i64::from(local.is_err()),
+        ])
+        .collect();
+        let world = comm.world();
+        let headers = gather_on_host(comm, &stream, &header)?;
+        let headers: Vec<&[i64]> = headers.chunks(header.len()).collect();
+        if let Some(rank) = headers.iter().position(|h| h[AGREED.len()] != 0) {
+            local?;
+            return Err(EpError::PeerFailed {
+                rank,
+                what: "its setup",
+            });
+        }
+        local?;
+        for (field, what) in AGREED.iter().enumerate() {
+            if headers.iter().any(|h| h[field] != headers[0][field]) {
+                let values = (0..world)
+                    .map(|r| format!("rank {r}: {}", headers[r][field]))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(EpError::RanksDisagree { what, values });
+            }
+        }
+        let maps = gather_on_host(comm, &stream, expert_map)?;
+        let maps: Vec<Vec<i32>> = maps.chunks(expert_map.len()).map(<[i32]>::to_vec).collect();
+        ExpertPlacement::from_expert_maps(&maps)
     }
 
     /// What this rank can check alone before setup.

@@ -42,6 +42,11 @@ fn world() -> Option<usize> {
 
 /// Runs `case` on every rank and checks each rank said it passed.
 fn run_case(case: &str) {
+    run_case_with(case, &[]);
+}
+
+/// [`run_case`] with more variables in every rank's environment.
+fn run_case_with(case: &str, env: &[(&str, &str)]) {
     let Some(world) = world() else {
         return;
     };
@@ -66,7 +71,8 @@ fn run_case(case: &str) {
         };
         command
             .args(["rank_process", "--exact", "--nocapture", "--test-threads=1"])
-            .env("MOE_EP_CASE", case);
+            .env("MOE_EP_CASE", case)
+            .envs(env.iter().copied());
         command
     })
     .unwrap();
@@ -125,6 +131,58 @@ fn fp8_rows_travel_with_their_scales_in_both_modes() {
 }
 
 #[test]
+fn each_rank_loads_its_experts_from_one_checkpoint() {
+    if world().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("moe-ep-checkpoint-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("layer.safetensors");
+    write_checkpoint(&path, &MoeWeights::random(&configs()[0], 71).unwrap());
+    run_case_with(
+        "checkpoint",
+        &[("MOE_EP_CHECKPOINT", path.to_str().unwrap())],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `weights` as a Mixtral layer `model.layers.0` in a safetensors file.
+fn write_checkpoint(path: &std::path::Path, weights: &MoeWeights) {
+    use moe_experts::Layout;
+    use safetensors::{Dtype, tensor::TensorView};
+    let prefix = "model.layers.0";
+    let (h, i) = (weights.hidden_size, weights.intermediate_size);
+    let mut tensors = vec![(
+        Layout::Mixtral.router(prefix),
+        vec![weights.num_experts, h],
+        &weights.router[..],
+    )];
+    for e in 0..weights.num_experts {
+        let [gate, up, down] = Layout::Mixtral.expert(prefix, e);
+        tensors.push((gate, vec![i, h], &weights.gate_proj[e * i * h..][..i * h]));
+        tensors.push((up, vec![i, h], &weights.up_proj[e * i * h..][..i * h]));
+        tensors.push((down, vec![h, i], &weights.down_proj[e * h * i..][..h * i]));
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, shape, values)| {
+            (
+                name,
+                shape,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = bytes.iter().map(|(name, shape, bytes)| {
+        (
+            name.clone(),
+            TensorView::new(Dtype::BF16, shape.clone(), bytes).unwrap(),
+        )
+    });
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
 fn capacity_mode_replays_as_a_cuda_graph() {
     run_case("graph-capacity");
 }
@@ -167,6 +225,7 @@ fn rank_process() {
         "two-owners" => rank.two_owners(),
         "too-many-tokens" => rank.too_many_tokens(),
         "graph-capacity" => rank.graph_capacity(),
+        "checkpoint" => rank.checkpoint(),
         "fp8-scales" => {
             rank.fp8_scales(ExchangeMode::Exact);
             rank.fp8_scales(ExchangeMode::Capacity);
@@ -573,6 +632,51 @@ impl Rank {
             "rank {} {mode:?}: experts saw {} rows",
             self.rank, experts.rows_seen
         );
+    }
+
+    /// Every rank loads its experts from one checkpoint and the block equals the
+    /// one-GPU block loaded whole; then rank 1 is given a path that does not exist:
+    /// it gets the read error, every other rank `PeerFailed`, and none waits.
+    fn checkpoint(&self) {
+        let path = std::path::PathBuf::from(std::env::var("MOE_EP_CHECKPOINT").unwrap());
+        let config = configs()[0].clone();
+        let h = config.hidden_size;
+        let map = ExpertPlacement::contiguous(config.num_experts, self.world)
+            .unwrap()
+            .expert_map(self.rank);
+        let load = |path: &std::path::Path| {
+            EpMoeBlock::load(
+                self.comm.clone(),
+                path,
+                "model.layers.0",
+                config.clone(),
+                &map,
+                ExchangeMode::Capacity,
+                32,
+            )
+        };
+        let mut ep = load(&path).unwrap();
+        let (whole, _) = MoeWeights::load(&path, "model.layers.0").unwrap();
+        let mut reference = self.reference(&config, &whole, 32);
+        let cu_stream = self.stream();
+        let stream = self.device.stream(&cu_stream).unwrap();
+        let hidden = random_hidden(20 + self.rank, h, 5 + self.rank as u64, false);
+        let got = ep.forward(&stream, &hidden).unwrap();
+        let want = reference.forward(&stream, &hidden).unwrap();
+        assert_eq!(got.topk_ids, want.topk_ids);
+        assert!(worst_error(&got.hidden_states, &want.hidden_states, h) <= 1.0 / 64.0);
+
+        let missing = path.with_file_name("no-such-layer.safetensors");
+        let error = load(if self.rank == 1 { &missing } else { &path }).unwrap_err();
+        println!("rank {}: {error}", self.rank);
+        if self.rank == 1 {
+            assert!(matches!(error, EpError::Experts(_)), "{error:?}");
+        } else {
+            assert!(
+                matches!(error, EpError::PeerFailed { rank: 1, .. }),
+                "{error:?}"
+            );
+        }
     }
 
     /// Capacity mode captured once in a CUDA graph on every rank, replayed on new

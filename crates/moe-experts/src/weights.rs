@@ -176,17 +176,59 @@ impl MoeWeights {
             });
         }
         let mapped = Mapped::open(&shards)?;
-        Self::from_tensors(&mapped.tensors()?, prefix)
+        Self::from_tensors(&mapped.tensors()?, prefix, None)
+    }
+
+    /// [`Self::load`] for one rank of expert parallelism: the router, the correction
+    /// and the shared expert, and of the experts only those in `experts` (global ids).
+    /// Every expert's tensors must still be in the checkpoint with their shapes; the
+    /// others' weights are left zero, in memory from `calloc` that is never written,
+    /// so they take address space, not memory. An id of `experts` outside the layer's
+    /// experts is an error.
+    pub fn load_experts(
+        path: &std::path::Path,
+        prefix: &str,
+        experts: &[usize],
+    ) -> Result<(Self, Layout)> {
+        let prefix = layer_prefix(prefix);
+        let shards = shard_paths(path, prefix)?;
+        if shards.is_empty() {
+            return Err(ExpertsError::NoMoeLayer {
+                prefix: prefix.to_string(),
+            });
+        }
+        let mapped = Mapped::open(&shards)?;
+        Self::from_tensors(&mapped.tensors()?, prefix, Some(experts))
     }
 
     /// [`Self::load`] from the bytes of one safetensors file.
     pub fn from_safetensors(bytes: &[u8], prefix: &str) -> Result<(Self, Layout)> {
         let file =
             SafeTensors::deserialize(bytes).map_err(|e| ExpertsError::Format(e.to_string()))?;
-        Self::from_tensors(&Tensors::new(vec![file])?, layer_prefix(prefix))
+        Self::from_tensors(&Tensors::new(vec![file])?, layer_prefix(prefix), None)
     }
 
-    fn from_tensors(file: &Tensors<'_>, prefix: &str) -> Result<(Self, Layout)> {
+    /// [`Self::load_experts`] from the bytes of one safetensors file.
+    pub fn experts_from_safetensors(
+        bytes: &[u8],
+        prefix: &str,
+        experts: &[usize],
+    ) -> Result<(Self, Layout)> {
+        let file =
+            SafeTensors::deserialize(bytes).map_err(|e| ExpertsError::Format(e.to_string()))?;
+        Self::from_tensors(
+            &Tensors::new(vec![file])?,
+            layer_prefix(prefix),
+            Some(experts),
+        )
+    }
+
+    /// The layer under `prefix`, with the experts of `only` (all when `None`).
+    fn from_tensors(
+        file: &Tensors<'_>,
+        prefix: &str,
+        only: Option<&[usize]>,
+    ) -> Result<(Self, Layout)> {
         let names = file.names();
         let layout = [Layout::Mixtral, Layout::QwenMoe]
             .into_iter()
@@ -259,9 +301,17 @@ impl MoeWeights {
             router_bias,
             shared,
         };
+        if let Some(&expert) = only.into_iter().flatten().find(|&&e| e >= num_experts) {
+            return Err(ExpertsError::Config(format!(
+                "expert {expert} was asked for, but the layer has {num_experts} experts"
+            )));
+        }
         // `per_expert * num_experts` fits: it is the length just allocated.
         let per_expert = i * h;
         for expert in 0..num_experts {
+            if only.is_some_and(|only| !only.contains(&expert)) {
+                continue;
+            }
             let [gate, up, down] = layout.expert(prefix, expert);
             let range = expert * per_expert..(expert + 1) * per_expert;
             weights.gate_proj[range.clone()].copy_from_slice(&read(file, &gate, &[i, h], layout)?);

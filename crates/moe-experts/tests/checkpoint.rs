@@ -396,3 +396,52 @@ fn a_deepseek_v3_layer_loads_its_correction_and_shared_expert() {
     // Read as a softmax layer it is refused: the correction would be ignored.
     assert!(loaded.check(&CONFIG).is_err());
 }
+
+#[test]
+fn a_rank_loads_its_experts_and_leaves_the_others_zero() {
+    let weights = MoeWeights::random(&CONFIG, 12).unwrap();
+    let bytes = checkpoint(
+        &weights,
+        Layout::QwenMoe,
+        "model.layers.2",
+        false,
+        None,
+        None,
+    );
+    let (loaded, _) =
+        MoeWeights::experts_from_safetensors(&bytes, "model.layers.2", &[3, 1]).unwrap();
+    loaded.check(&CONFIG).unwrap();
+    assert_eq!(loaded.router, weights.router);
+    let per_expert = CONFIG.hidden_size * CONFIG.intermediate_size;
+    for expert in 0..CONFIG.num_experts {
+        let range = expert * per_expert..(expert + 1) * per_expert;
+        for (got, want) in [
+            (&loaded.gate_proj, &weights.gate_proj),
+            (&loaded.up_proj, &weights.up_proj),
+            (&loaded.down_proj, &weights.down_proj),
+        ] {
+            if expert == 1 || expert == 3 {
+                assert_eq!(got[range.clone()], want[range.clone()], "expert {expert}");
+            } else {
+                assert!(
+                    got[range.clone()].iter().all(|v| *v == bf16::ZERO),
+                    "expert {expert}"
+                );
+                assert!(want[range.clone()].iter().any(|v| *v != bf16::ZERO));
+            }
+        }
+    }
+    let error = MoeWeights::experts_from_safetensors(&bytes, "model.layers.2", &[4]).unwrap_err();
+    assert!(error.to_string().contains("expert 4"), "{error}");
+    // A rank still needs every expert's tensors in the file.
+    let [gate, ..] = Layout::QwenMoe.expert("model.layers.2", 0);
+    let holed = checkpoint(
+        &weights,
+        Layout::QwenMoe,
+        "model.layers.2",
+        false,
+        Some(&gate),
+        None,
+    );
+    assert!(MoeWeights::experts_from_safetensors(&holed, "model.layers.2", &[1]).is_err());
+}
