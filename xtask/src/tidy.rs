@@ -121,7 +121,9 @@ fn word(count: u32) -> &'static str {
 
 /// Every quoted constant, with its value from the code.
 fn quotes() -> Vec<Quote> {
-    use moe_kernels::{MAX_LOCAL_EXPERTS, ROUTE_THREADS, ROUTE_WARPS, ROW_THREADS, STATUS_BYTES};
+    use moe_kernels::{
+        FUSED_MAX_ENTRIES, MAX_LOCAL_EXPERTS, ROUTE_THREADS, ROUTE_WARPS, ROW_THREADS, STATUS_BYTES,
+    };
     use moe_runtime::cuda::{MULTI_BLOCK_CHUNK, SINGLE_BLOCK_ENTRIES, route_launches};
 
     // A permute is the routing launches and the row scatter.
@@ -131,6 +133,12 @@ fn quotes() -> Vec<Quote> {
         quote("docs/kernels.md", "A permute is ", small),
         quote("docs/kernels.md", "launches up to ", SINGLE_BLOCK_ENTRIES),
         quote("docs/kernels.md", "top-2) and ", large),
+        quote("docs/kernels.md", "one, fused, up to ", FUSED_MAX_ENTRIES),
+        quote(
+            "docs/kernels.md",
+            "at most `FUSED_MAX_ENTRIES` (",
+            FUSED_MAX_ENTRIES,
+        ),
         quote("docs/kernels.md", "chunks of ", MULTI_BLOCK_CHUNK),
         quote("docs/kernels.md", "**Grid**: blocks of ", ROUTE_THREADS),
         quote("docs/kernels.md", "threads (", ROUTE_WARPS),
@@ -141,7 +149,7 @@ fn quotes() -> Vec<Quote> {
         quote("docs/kernels.md", "PTX ISA\n", ptx_isa()),
         quote(
             "docs/benchmarks.md",
-            "A permute of up to ",
+            "A permute of 129 to ",
             SINGLE_BLOCK_ENTRIES,
         ),
         quote("docs/benchmarks.md", "entries is ", small),

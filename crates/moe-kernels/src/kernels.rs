@@ -134,6 +134,8 @@ kernels! {
     GemmReduceSiluBf16 => "grouped_gemm_reduce_silu_bf16", GemmReduce;
     AlignInverse => "align_inverse", AlignInverse;
     GatherIds => "gather_ids", GatherIds;
+    PermuteFusedI32 => "permute_fused_i32", PermuteFused;
+    PermuteFusedI64 => "permute_fused_i64", PermuteFused;
 }
 
 impl Kernel {

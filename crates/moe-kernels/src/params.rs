@@ -461,6 +461,26 @@ pub struct AlignInverseParams {
     pub max_rows: u32,
 }
 
+/// The fused small permute (`permute_fused_*`) takes calls of at most this many
+/// entries (`N*K`): each of its blocks routes them all in shared memory. Measured on
+/// the H200 (docs/benchmarks.md): 12-26% faster than routing and scatter as two
+/// launches up to 128 entries, even at 256, slower beyond (every block routes every
+/// entry, and a block copies one row).
+pub const FUSED_MAX_ENTRIES: u32 = 128;
+
+/// Arguments of `permute_fused_*`: the routing of a small call and its row scatter in
+/// one launch. Every block routes all `N*K` entries (block 0 also writes the index
+/// outputs), then copies its units: a unit is one entry's destination row and a slice
+/// of [`ROUTE_THREADS`] 16-byte vectors of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PermuteFusedParams {
+    /// The routing, as `route_place_*` takes it (one chunk).
+    pub route: RouteParams,
+    /// The scatter, as `permute_rows_v16` takes it.
+    pub rows: PermuteRowsParams,
+}
+
 /// The parameters of `gather_ids`: `out[r] = src[index[r]]` for `r < rows`, or `-1`
 /// where `index[r]` is not below `src_len`. Expert parallelism gives each permuted row
 /// its global expert id this way (`src` = `topk_ids`, `index` = `permuted_idx`), so the
@@ -498,6 +518,8 @@ const _: () = {
     assert!(size_of::<GemmReduceParams>() == 40 && align_of::<GemmReduceParams>() == 8);
     assert!(size_of::<AlignInverseParams>() == 40 && align_of::<AlignInverseParams>() == 8);
     assert!(size_of::<GatherIdsParams>() == 32 && align_of::<GatherIdsParams>() == 8);
+    assert!(size_of::<PermuteFusedParams>() == 120 + 72 && align_of::<PermuteFusedParams>() == 8);
+    assert!(FUSED_MAX_ENTRIES <= ROUTE_CHUNK);
     assert!(GEMM_THREADS == 128 && GEMM_BM == 64 && GEMM_BN == 128 && GEMM_BK == 64);
     assert!(GEMM_SHARED_BYTES == 73728);
     assert!(ROUTE_THREADS % 32 == 0 && ROUTE_CHUNK % ROUTE_THREADS == 0);
@@ -530,6 +552,8 @@ pub enum ParamsKind {
     AlignInverse,
     /// [`GatherIdsParams`].
     GatherIds,
+    /// [`PermuteFusedParams`].
+    PermuteFused,
 }
 
 /// A parameter block that crosses to the GPU as a kernel's one argument, by value.
@@ -587,4 +611,8 @@ unsafe impl KernelParams for AlignInverseParams {
 // SAFETY: as above.
 unsafe impl KernelParams for GatherIdsParams {
     const KIND: ParamsKind = ParamsKind::GatherIds;
+}
+// SAFETY: as above (two pinned blocks, each a multiple of 8 bytes, so no padding).
+unsafe impl KernelParams for PermuteFusedParams {
+    const KIND: ParamsKind = ParamsKind::PermuteFused;
 }

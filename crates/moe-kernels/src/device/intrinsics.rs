@@ -131,3 +131,16 @@ pub(crate) fn route_shared() -> *mut u8 {
     unsafe { asm!("cvta.shared.u64 {0}, MOE_ROUTE_SMEM;", out(reg64) base) };
     base
 }
+
+// The fused small permute's row of each entry (`FUSED_MAX_ENTRIES` i32).
+core::arch::global_asm!(".shared .align 16 .b8 MOE_FUSED_INV[512];");
+const _: () = assert!(crate::params::FUSED_MAX_ENTRIES as usize * size_of::<i32>() == 512);
+
+/// Generic address of the fused small permute's per-entry rows in shared memory.
+#[inline(always)]
+pub(crate) fn fused_inv_shared() -> *mut i32 {
+    let base: u64;
+    // SAFETY: converts the address of a shared variable of this module to a generic one.
+    unsafe { asm!("cvta.shared.u64 {0}, MOE_FUSED_INV;", out(reg64) base) };
+    base as *mut i32
+}

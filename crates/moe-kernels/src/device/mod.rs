@@ -13,8 +13,8 @@ mod status;
 
 use crate::params::{
     AddParams, AlignInverseParams, GatherIdsParams, GemmReduceParams, GroupedGemmParams,
-    GroupedRouterParams, PermuteRowsParams, RouteParams, RouterParams, SiluMulParams,
-    UnpermuteParams,
+    GroupedRouterParams, PermuteFusedParams, PermuteRowsParams, RouteParams, RouterParams,
+    SiluMulParams, UnpermuteParams,
 };
 use rows::{BF16, F16, F32, V16};
 
@@ -69,4 +69,6 @@ kernels! {
     grouped_gemm_reduce_silu_bf16(p: GemmReduceParams) => gemm::reduce_bf16::<true>(p);
     align_inverse(p: AlignInverseParams) => block::align_inverse(p);
     gather_ids(p: GatherIdsParams) => block::gather_ids(p);
+    permute_fused_i32(p: PermuteFusedParams) => rows::permute_fused::<i32>(p);
+    permute_fused_i64(p: PermuteFusedParams) => rows::permute_fused::<i64>(p);
 }

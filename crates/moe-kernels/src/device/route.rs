@@ -336,10 +336,30 @@ pub(crate) unsafe fn route_scan(p: &RouteParams, align: bool) {
 /// after `route_count` and `route_scan`.
 #[inline(always)]
 pub(crate) unsafe fn route_place<I: ExpertId, const ALIGN: bool>(p: &RouteParams) {
+    // SAFETY: as the caller guarantees.
+    unsafe { route_place_with::<I, ALIGN>(p, block(), true, core::ptr::null_mut()) };
+}
+
+/// [`route_place`] of chunk `chunk`, writing the call's outputs only when `global`,
+/// and each entry's row (or `N*K` for a dropped entry) to `shared_inv[f]` too when it
+/// is not null: how the fused small permute's blocks each route the one chunk and
+/// learn every entry's row while one of them writes the outputs. Returns the valid
+/// row count.
+///
+/// # Safety
+/// As [`route_place`], with `chunk < num_chunks`; `shared_inv`, when not null, holds
+/// `N*K` i32.
+#[inline(always)]
+pub(crate) unsafe fn route_place_with<I: ExpertId, const ALIGN: bool>(
+    p: &RouteParams,
+    chunk: u32,
+    global: bool,
+    shared_inv: *mut i32,
+) -> u32 {
     let local = p.dims.num_local_experts;
     let entries = p.dims.num_entries();
     let single = p.num_chunks == 1;
-    let first = block() * p.chunk_entries;
+    let first = chunk * p.chunk_entries;
     let end = entries.min(first + p.chunk_entries);
     let per_warp = p.chunk_entries.div_ceil(ROUTE_WARPS);
     let segment = first + warp() * per_warp;
@@ -361,7 +381,7 @@ pub(crate) unsafe fn route_place<I: ExpertId, const ALIGN: bool>(p: &RouteParams
             (f, expert)
         };
 
-        if single {
+        if single && global {
             check_expert_map(p);
         }
         let mut expert = lane();
@@ -369,7 +389,7 @@ pub(crate) unsafe fn route_place<I: ExpertId, const ALIGN: bool>(p: &RouteParams
             *counts.add(expert as usize) = 0;
             expert += 32;
         }
-        if ALIGN && single {
+        if ALIGN && single && global {
             let sorted = p.sorted_ids as *mut i32;
             let mut i = thread();
             while i < p.align.max_padded_rows {
@@ -415,18 +435,20 @@ pub(crate) unsafe fn route_place<I: ExpertId, const ALIGN: bool>(p: &RouteParams
                 |e| *first_rows.add(e as usize),
                 |e, row| {
                     *first_rows.add(e as usize) = row;
-                    *offsets.add(e as usize) = row as i64;
+                    if global {
+                        *offsets.add(e as usize) = row as i64;
+                    }
                 },
             );
-            if thread() == 0 {
+            if global && thread() == 0 {
                 *offsets.add(local as usize) = total as i64;
             }
-            if ALIGN {
+            if ALIGN && global {
                 write_block_expert_ids(p, first_rows, total);
             }
             total
         } else {
-            let chunk_rows = (p.chunk_counts as *const u32).add((block() * local) as usize);
+            let chunk_rows = (p.chunk_counts as *const u32).add((chunk * local) as usize);
             let mut expert = thread();
             while expert < local {
                 *first_rows.add(expert as usize) = *chunk_rows.add(expert as usize);
@@ -447,14 +469,22 @@ pub(crate) unsafe fn route_place<I: ExpertId, const ALIGN: bool>(p: &RouteParams
             if expert < local {
                 let row =
                     *first_rows.add(expert as usize) + *counts.add(expert as usize) as u32 + rank;
-                if ALIGN {
+                if !shared_inv.is_null() {
+                    *shared_inv.add(f as usize) = row as i32;
+                }
+                if global && ALIGN {
                     *sorted.add(row as usize) = f as i32;
-                } else {
+                } else if global {
                     *inv.add(f as usize) = row as i32;
                     *permuted.add(row as usize) = f as i32;
                 }
             } else if expert != NO_ENTRY && !ALIGN {
-                *inv.add(f as usize) = entries as i32;
+                if !shared_inv.is_null() {
+                    *shared_inv.add(f as usize) = entries as i32;
+                }
+                if global {
+                    *inv.add(f as usize) = entries as i32;
+                }
             }
             sync_warp();
             if expert < local && rank == 0 {
@@ -464,12 +494,13 @@ pub(crate) unsafe fn route_place<I: ExpertId, const ALIGN: bool>(p: &RouteParams
         }
 
         // permute: rows of this chunk's range past the valid count hold the sentinel.
-        if !ALIGN {
+        if !ALIGN && global {
             let mut row = first.max(valid) + thread();
             while row < end {
                 *permuted.add(row as usize) = entries as i32;
                 row += ROUTE_THREADS;
             }
         }
+        valid
     }
 }

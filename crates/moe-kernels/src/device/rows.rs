@@ -7,9 +7,10 @@
 //! token's work spread over many multiprocessors.
 
 use super::intrinsics::*;
+use super::route::{ExpertId, route_place_with};
 use crate::params::{
-    PERMUTE_VECTORS_PER_THREAD, PermuteRowsParams, UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams,
-    blocks_per_row,
+    PERMUTE_VECTORS_PER_THREAD, PermuteFusedParams, PermuteRowsParams, ROUTE_THREADS,
+    UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams, blocks_per_row,
 };
 
 /// Rows whose loads unpermute issues before it sums them. Measured on an H200
@@ -97,6 +98,57 @@ pub(crate) unsafe fn permute_rows<V: Copy + Default>(p: &PermuteRowsParams) {
                 }
                 s += ROW_THREADS_U;
             }
+        }
+    }
+}
+
+/// permute of a small call in one launch (see [`PermuteFusedParams`]): every block
+/// routes all `N*K` entries in shared memory (block 0 also writes the index outputs),
+/// then block `f` copies the source row of entry `f` to the entry's row, with its
+/// scales. One launch instead of the routing's and the scatter's: at small batch a
+/// permute is launch-bound, and a block routes a few hundred entries in well under a
+/// launch's time.
+///
+/// # Safety
+/// Launched with `max(1, N*K)` blocks of [`ROUTE_THREADS`], `N*K <=
+/// FUSED_MAX_ENTRIES`; rows a multiple of 16 bytes at 16-byte aligned addresses;
+/// buffers sized by the host for this call.
+#[inline(always)]
+pub(crate) unsafe fn permute_fused<I: ExpertId>(p: &PermuteFusedParams) {
+    let shared_inv = fused_inv_shared();
+    // SAFETY: one chunk of `N*K <= FUSED_MAX_ENTRIES` entries, which `shared_inv`
+    // holds; the routing buffers as the caller guarantees.
+    let valid = unsafe { route_place_with::<I, false>(&p.route, 0, block() == 0, shared_inv) };
+    sync_threads();
+    let r = &p.rows;
+    let f = block();
+    if f >= r.dims.num_entries() {
+        return;
+    }
+    let row_bytes = r.layout.row_bytes as usize;
+    let vectors = (row_bytes / size_of::<V16>()) as u32;
+    let token = f / r.dims.topk;
+    // SAFETY: `f < N*K` entries in shared memory; a row below the valid count is one
+    // of the destination's `N*K` rows; vectors within the row (16-byte aligned, as
+    // the caller guarantees); scales within `[N, S]` and `[N*K, S]`.
+    unsafe {
+        let row = *shared_inv.add(f as usize) as u32;
+        if row >= valid {
+            return;
+        }
+        let src = (r.hidden_states as *const u8).add(token as usize * row_bytes) as *const V16;
+        let dst = (r.permuted_hidden_states as *mut u8).add(row as usize * row_bytes) as *mut V16;
+        let mut v = thread();
+        while v < vectors {
+            *dst.add(v as usize) = *src.add(v as usize);
+            v += ROUTE_THREADS;
+        }
+        let columns = r.layout.scale_columns;
+        let mut s = thread();
+        while s < columns {
+            *(r.permuted_scales as *mut f32).add((row * columns + s) as usize) =
+                *(r.scales as *const f32).add((token * columns + s) as usize);
+            s += ROUTE_THREADS;
         }
     }
 }

@@ -1,9 +1,11 @@
-//! permute on a CUDA device: the routing kernels, then the row scatter.
+//! permute on a CUDA device: the routing kernels, then the row scatter; a small call
+//! (at most `FUSED_MAX_ENTRIES` entries of 16-byte rows) in one fused launch.
 
 use moe_kernels::kernels::{IdWidth, Kernel, RowVector};
 use moe_kernels::{
-    AlignDims, PERMUTE_VECTORS_PER_THREAD, PermuteRowsParams, ROW_THREADS, RouteParams,
-    RoutingDims, RowLayout, blocks_per_row,
+    AlignDims, FUSED_MAX_ENTRIES, PERMUTE_VECTORS_PER_THREAD, PermuteFusedParams,
+    PermuteRowsParams, ROUTE_THREADS, ROW_THREADS, RouteParams, RoutingDims, RowLayout,
+    blocks_per_row,
 };
 
 use super::buffers::{Carving, CudaBuffers, Region};
@@ -275,6 +277,25 @@ fn enqueue(
         permuted_scales: scales,
     };
     let vector = RowVector::for_layout(row_bytes, source | rows);
+    if dims.num_entries() <= FUSED_MAX_ENTRIES && vector == RowVector::Bytes16 {
+        // A small call in one launch: every block routes the few entries itself.
+        let fused = match ids {
+            IdWidth::I32 => Kernel::PermuteFusedI32,
+            IdWidth::I64 => Kernel::PermuteFusedI64,
+        };
+        let grid = Grid {
+            blocks: dims.num_entries().max(1),
+            threads: ROUTE_THREADS,
+        };
+        let params = PermuteFusedParams {
+            route: route_params,
+            rows: rows_params,
+        };
+        // SAFETY: as below; one chunk of at most FUSED_MAX_ENTRIES entries, a block
+        // per entry (one at least, which writes the offsets of an empty call); rows
+        // of whole 16-byte vectors at 16-byte aligned addresses (`Bytes16`).
+        return unsafe { launch(stream, fused, grid, &params) };
+    }
     let vectors = (row_bytes / vector.bytes()) as u32;
     let parts = blocks_per_row(vectors, PERMUTE_VECTORS_PER_THREAD, dims.num_tokens);
     let grid = Grid {
