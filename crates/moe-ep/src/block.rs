@@ -138,9 +138,42 @@ impl EpMoeBlock {
         mode: ExchangeMode,
         max_num_tokens: usize,
     ) -> Result<Self> {
-        let device = comm.device().clone();
         let local = Self::check_locally(&config, weights, expert_map);
         let placement = Self::agree(&comm, &config, expert_map, mode, max_num_tokens, local)?;
+        // What can still fail is this rank's own (memory, the driver): every rank says
+        // whether it got its block, so none goes on to a call another will never join.
+        let built = Self::build(
+            comm.clone(),
+            config,
+            weights,
+            placement,
+            mode,
+            max_num_tokens,
+        );
+        let device = comm.device();
+        let cu_stream = device.new_stream()?;
+        let stream = device.stream(&cu_stream)?;
+        let flags = gather_on_host(&comm, &stream, &[i32::from(built.is_err())])?;
+        match (built, flags.iter().position(|&flag| flag != 0)) {
+            (Ok(block), None) => Ok(block),
+            (Err(error), _) => Err(error),
+            (Ok(_), Some(rank)) => Err(EpError::PeerFailed {
+                rank,
+                what: "building its block",
+            }),
+        }
+    }
+
+    /// The block of an agreed setup: uploads and allocations, this rank alone.
+    fn build(
+        comm: Arc<Communicator>,
+        config: MoeConfig,
+        weights: &MoeWeights,
+        placement: ExpertPlacement,
+        mode: ExchangeMode,
+        max_num_tokens: usize,
+    ) -> Result<Self> {
+        let device = comm.device().clone();
         let world = comm.world();
 
         let (h, i, e, k) = (
