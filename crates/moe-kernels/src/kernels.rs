@@ -136,6 +136,8 @@ kernels! {
     GatherIds => "gather_ids", GatherIds;
     PermuteFusedI32 => "permute_fused_i32", PermuteFused;
     PermuteFusedI64 => "permute_fused_i64", PermuteFused;
+    RoutePlaceScanI32 => "route_place_scan_i32", Route;
+    RoutePlaceScanI64 => "route_place_scan_i64", Route;
 }
 
 impl Kernel {
@@ -171,6 +173,15 @@ impl Kernel {
             (false, IdWidth::I64) => Kernel::RoutePlaceI64,
             (true, IdWidth::I32) => Kernel::RoutePlaceAlignI32,
             (true, IdWidth::I64) => Kernel::RoutePlaceAlignI64,
+        }
+    }
+
+    /// `route_place_scan_*`: the placement of a permute's chunks, each block scanning
+    /// the chunks' counts itself (after `route_count`, with no `route_scan`).
+    pub const fn route_place_scan(ids: IdWidth) -> Kernel {
+        match ids {
+            IdWidth::I32 => Kernel::RoutePlaceScanI32,
+            IdWidth::I64 => Kernel::RoutePlaceScanI64,
         }
     }
 

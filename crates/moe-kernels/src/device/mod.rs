@@ -47,6 +47,8 @@ kernels! {
     route_scan(p: RouteParams) => route::route_scan(p, false);
     route_scan_align(p: RouteParams) => route::route_scan(p, true);
     route_place_i32(p: RouteParams) => route::route_place::<i32, false>(p);
+    route_place_scan_i32(p: RouteParams) => route::route_place_scan::<i32>(p);
+    route_place_scan_i64(p: RouteParams) => route::route_place_scan::<i64>(p);
     route_place_i64(p: RouteParams) => route::route_place::<i64, false>(p);
     route_place_align_i32(p: RouteParams) => route::route_place::<i32, true>(p);
     route_place_align_i64(p: RouteParams) => route::route_place::<i64, true>(p);

@@ -337,23 +337,42 @@ pub(crate) unsafe fn route_scan(p: &RouteParams, align: bool) {
 #[inline(always)]
 pub(crate) unsafe fn route_place<I: ExpertId, const ALIGN: bool>(p: &RouteParams) {
     // SAFETY: as the caller guarantees.
-    unsafe { route_place_with::<I, ALIGN>(p, block(), true, core::ptr::null_mut()) };
+    let outputs = (true, true);
+    unsafe { route_place_with::<I, ALIGN>(p, block(), outputs, false, core::ptr::null_mut()) };
 }
 
-/// [`route_place`] of chunk `chunk`, writing the call's outputs only when `global`,
-/// and each entry's row (or `N*K` for a dropped entry) to `shared_inv[f]` too when it
-/// is not null: how the fused small permute's blocks each route the one chunk and
-/// learn every entry's row while one of them writes the outputs. Returns the valid
-/// row count.
+/// [`route_place`] after `route_count` alone: each block turns the chunks' raw counts
+/// into its own first row per expert (the scan `route_scan` would have done, redone
+/// by every block: a few thousand counts for the calls this runs), and block 0 writes
+/// the expert offsets and checks the map. Permute only; one launch fewer.
+///
+/// # Safety
+/// Launched with `num_chunks` blocks of [`ROUTE_THREADS`] after `route_count`.
+#[inline(always)]
+pub(crate) unsafe fn route_place_scan<I: ExpertId>(p: &RouteParams) {
+    // SAFETY: as the caller guarantees.
+    let outputs = (block() == 0, true);
+    unsafe { route_place_with::<I, false>(p, block(), outputs, true, core::ptr::null_mut()) };
+}
+
+/// [`route_place`] of chunk `chunk`, writing the call-wide outputs (expert offsets, the
+/// map check, align's block experts) only when `call_outputs`, the chunk's entries and
+/// rows only when `chunk_outputs`, and each entry's row (or `N*K` for a dropped entry)
+/// to `shared_inv[f]` too when it is not null: how the fused small permute's blocks
+/// each route the one chunk and learn every entry's row while one of them writes the
+/// outputs. With `scan` (several
+/// chunks, permute), the block scans the chunks' raw counts itself
+/// ([`route_place_scan`]). Returns the valid row count.
 ///
 /// # Safety
 /// As [`route_place`], with `chunk < num_chunks`; `shared_inv`, when not null, holds
-/// `N*K` i32.
+/// `N*K` i32; with `scan`, `chunk_counts` holds `route_count`'s raw counts.
 #[inline(always)]
 pub(crate) unsafe fn route_place_with<I: ExpertId, const ALIGN: bool>(
     p: &RouteParams,
     chunk: u32,
-    global: bool,
+    (call_outputs, chunk_outputs): (bool, bool),
+    scan: bool,
     shared_inv: *mut i32,
 ) -> u32 {
     let local = p.dims.num_local_experts;
@@ -381,7 +400,7 @@ pub(crate) unsafe fn route_place_with<I: ExpertId, const ALIGN: bool>(
             (f, expert)
         };
 
-        if single && global {
+        if (single || scan) && call_outputs {
             check_expert_map(p);
         }
         let mut expert = lane();
@@ -389,7 +408,7 @@ pub(crate) unsafe fn route_place_with<I: ExpertId, const ALIGN: bool>(
             *counts.add(expert as usize) = 0;
             expert += 32;
         }
-        if ALIGN && single && global {
+        if ALIGN && single && call_outputs {
             let sorted = p.sorted_ids as *mut i32;
             let mut i = thread();
             while i < p.align.max_padded_rows {
@@ -435,16 +454,55 @@ pub(crate) unsafe fn route_place_with<I: ExpertId, const ALIGN: bool>(
                 |e| *first_rows.add(e as usize),
                 |e, row| {
                     *first_rows.add(e as usize) = row;
-                    if global {
+                    if call_outputs {
                         *offsets.add(e as usize) = row as i64;
                     }
                 },
             );
-            if global && thread() == 0 {
+            if call_outputs && thread() == 0 {
                 *offsets.add(local as usize) = total as i64;
             }
-            if ALIGN && global {
+            if ALIGN && call_outputs {
                 write_block_expert_ids(p, first_rows, total);
+            }
+            total
+        } else if scan {
+            // Every chunk's counts: their totals give each expert's first row, the
+            // chunks before this one its first row inside the expert.
+            let counts = p.chunk_counts as *const u32;
+            let mut expert = thread();
+            while expert < local {
+                let mut total = 0;
+                for c in 0..p.num_chunks {
+                    total += *counts.add((c * local + expert) as usize);
+                }
+                *first_rows.add(expert as usize) = total;
+                expert += ROUTE_THREADS;
+            }
+            sync_threads();
+            let offsets = p.expert_offsets as *mut i64;
+            let total = scan_experts(
+                local,
+                1,
+                |e| *first_rows.add(e as usize),
+                |e, row| {
+                    *first_rows.add(e as usize) = row;
+                    if call_outputs {
+                        *offsets.add(e as usize) = row as i64;
+                    }
+                },
+            );
+            if call_outputs && thread() == 0 {
+                *offsets.add(local as usize) = total as i64;
+            }
+            let mut expert = thread();
+            while expert < local {
+                let mut before = 0;
+                for c in 0..chunk {
+                    before += *counts.add((c * local + expert) as usize);
+                }
+                *first_rows.add(expert as usize) += before;
+                expert += ROUTE_THREADS;
             }
             total
         } else {
@@ -472,9 +530,9 @@ pub(crate) unsafe fn route_place_with<I: ExpertId, const ALIGN: bool>(
                 if !shared_inv.is_null() {
                     *shared_inv.add(f as usize) = row as i32;
                 }
-                if global && ALIGN {
+                if chunk_outputs && ALIGN {
                     *sorted.add(row as usize) = f as i32;
-                } else if global {
+                } else if chunk_outputs {
                     *inv.add(f as usize) = row as i32;
                     *permuted.add(row as usize) = f as i32;
                 }
@@ -482,7 +540,7 @@ pub(crate) unsafe fn route_place_with<I: ExpertId, const ALIGN: bool>(
                 if !shared_inv.is_null() {
                     *shared_inv.add(f as usize) = entries as i32;
                 }
-                if global {
+                if chunk_outputs {
                     *inv.add(f as usize) = entries as i32;
                 }
             }
@@ -494,7 +552,7 @@ pub(crate) unsafe fn route_place_with<I: ExpertId, const ALIGN: bool>(
         }
 
         // permute: rows of this chunk's range past the valid count hold the sentinel.
-        if !ALIGN && global {
+        if !ALIGN && chunk_outputs {
             let mut row = first.max(valid) + thread();
             while row < end {
                 *permuted.add(row as usize) = entries as i32;

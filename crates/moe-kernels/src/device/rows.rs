@@ -118,7 +118,8 @@ pub(crate) unsafe fn permute_fused<I: ExpertId>(p: &PermuteFusedParams) {
     let shared_inv = fused_inv_shared();
     // SAFETY: one chunk of `N*K <= FUSED_MAX_ENTRIES` entries, which `shared_inv`
     // holds; the routing buffers as the caller guarantees.
-    let valid = unsafe { route_place_with::<I, false>(&p.route, 0, block() == 0, shared_inv) };
+    let outputs = (block() == 0, block() == 0);
+    let valid = unsafe { route_place_with::<I, false>(&p.route, 0, outputs, false, shared_inv) };
     sync_threads();
     let r = &p.rows;
     let f = block();

@@ -85,11 +85,20 @@ pub(crate) fn route_chunks(entries: u32) -> (u32, u32) {
     }
 }
 
-/// Routing launches of a call of `entries` entries: the counting sort is one launch
-/// when one block holds every entry, else three (count, scan, place).
+/// Entries up to which permute's placing blocks scan the chunks' counts themselves
+/// (`route_place_scan_*`, one launch fewer): 16 chunks, a few thousand counts for a
+/// block to read. Beyond, and for align, `route_scan` does it once.
+pub const SCAN_IN_PLACE_ENTRIES: u32 = 16 * MULTI_BLOCK_CHUNK;
+
+/// Routing launches of a permute of `entries` entries: the counting sort is one
+/// launch when one block holds every entry, two (count, place) up to
+/// [`SCAN_IN_PLACE_ENTRIES`], else three (count, scan, place). align takes three
+/// whenever it takes more than one.
 pub const fn route_launches(entries: u32) -> u32 {
     if entries <= SINGLE_BLOCK_ENTRIES {
         1
+    } else if entries <= SCAN_IN_PLACE_ENTRIES {
+        2
     } else {
         3
     }
@@ -115,6 +124,10 @@ pub(super) unsafe fn route(
         if params.num_chunks > 1 {
             let count = Kernel::route_count(align, ids);
             launch(stream, count, grid(params.num_chunks), params)?;
+            if !align && params.dims.num_entries() <= SCAN_IN_PLACE_ENTRIES {
+                let place = Kernel::route_place_scan(ids);
+                return launch(stream, place, grid(params.num_chunks), params);
+            }
             launch(stream, Kernel::route_scan(align), grid(1), params)?;
         }
         let place = Kernel::route_place(align, ids);
@@ -137,6 +150,8 @@ mod tests {
         assert_eq!(chunk, MULTI_BLOCK_CHUNK);
         assert!(chunk * count > SINGLE_BLOCK_ENTRIES);
         assert_eq!(route_launches(SINGLE_BLOCK_ENTRIES), 1);
-        assert_eq!(route_launches(SINGLE_BLOCK_ENTRIES + 1), 3);
+        assert_eq!(route_launches(SINGLE_BLOCK_ENTRIES + 1), 2);
+        assert_eq!(route_launches(SCAN_IN_PLACE_ENTRIES), 2);
+        assert_eq!(route_launches(SCAN_IN_PLACE_ENTRIES + 1), 3);
     }
 }

@@ -37,7 +37,9 @@ pub(crate) use buffers::{Carving, CudaBuffers};
 pub use align::{DeviceAlignOutput, align};
 pub use buffers::{SCRATCH_ALIGNMENT, ScratchMemoryLayout, ScratchOffsets};
 pub use device::{CudaDevice, CudaLibrary, Stream, StreamId};
-pub use launch::{Grid, MULTI_BLOCK_CHUNK, SINGLE_BLOCK_ENTRIES, launch, route_launches};
+pub use launch::{
+    Grid, MULTI_BLOCK_CHUNK, SCAN_IN_PLACE_ENTRIES, SINGLE_BLOCK_ENTRIES, launch, route_launches,
+};
 pub use memory::{
     DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,
     DeviceViewMut,
