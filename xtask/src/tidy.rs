@@ -124,15 +124,25 @@ fn quotes() -> Vec<Quote> {
     use moe_kernels::{
         FUSED_MAX_ENTRIES, MAX_LOCAL_EXPERTS, ROUTE_THREADS, ROUTE_WARPS, ROW_THREADS, STATUS_BYTES,
     };
-    use moe_runtime::cuda::{MULTI_BLOCK_CHUNK, SINGLE_BLOCK_ENTRIES, route_launches};
+    use moe_runtime::cuda::{
+        MULTI_BLOCK_CHUNK, SCAN_IN_PLACE_ENTRIES, SINGLE_BLOCK_ENTRIES, route_launches,
+    };
 
     // A permute is the routing launches and the row scatter.
     let small = word(route_launches(SINGLE_BLOCK_ENTRIES) + 1);
-    let large = word(route_launches(SINGLE_BLOCK_ENTRIES + 1) + 1);
+    let middle = word(route_launches(SINGLE_BLOCK_ENTRIES + 1) + 1);
+    let large = word(route_launches(SCAN_IN_PLACE_ENTRIES + 1) + 1);
     vec![
         quote("docs/kernels.md", "A permute is ", small),
         quote("docs/kernels.md", "launches up to ", SINGLE_BLOCK_ENTRIES),
-        quote("docs/kernels.md", "top-2) and ", large),
+        quote("docs/kernels.md", "top-2) and ", middle),
+        quote("docs/kernels.md", "above, up to ", SCAN_IN_PLACE_ENTRIES),
+        quote("docs/kernels.md", "entries, then ", large),
+        quote(
+            "docs/kernels.md",
+            "permute of up to ",
+            SCAN_IN_PLACE_ENTRIES,
+        ),
         quote("docs/kernels.md", "one, fused, up to ", FUSED_MAX_ENTRIES),
         quote(
             "docs/kernels.md",
@@ -153,7 +163,7 @@ fn quotes() -> Vec<Quote> {
             SINGLE_BLOCK_ENTRIES,
         ),
         quote("docs/benchmarks.md", "entries is ", small),
-        quote("docs/benchmarks.md", "Above ", SINGLE_BLOCK_ENTRIES),
+        quote("docs/benchmarks.md", "Above ", SCAN_IN_PLACE_ENTRIES),
         quote("docs/benchmarks.md", "entries a permute is ", large),
         quote("docs/decisions.md", "so up to ", SINGLE_BLOCK_ENTRIES),
         quote("docs/decisions.md", "entries one block of ", ROUTE_THREADS),
