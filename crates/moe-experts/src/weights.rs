@@ -168,15 +168,7 @@ impl MoeWeights {
     /// is found from the tensor names; bf16 and f32 tensors are accepted (f32 is
     /// rounded to bf16). A missing shard or tensor is an error naming it.
     pub fn load(path: &std::path::Path, prefix: &str) -> Result<(Self, Layout)> {
-        let prefix = layer_prefix(prefix);
-        let shards = shard_paths(path, prefix)?;
-        if shards.is_empty() {
-            return Err(ExpertsError::NoMoeLayer {
-                prefix: prefix.to_string(),
-            });
-        }
-        let mapped = Mapped::open(&shards)?;
-        Self::from_tensors(&mapped.tensors()?, prefix, None)
+        Self::load_some(path, prefix, None)
     }
 
     /// [`Self::load`] for one rank of expert parallelism: the router, the correction
@@ -190,6 +182,16 @@ impl MoeWeights {
         prefix: &str,
         experts: &[usize],
     ) -> Result<(Self, Layout)> {
+        Self::load_some(path, prefix, Some(experts))
+    }
+
+    /// The layer under `prefix` in the checkpoint at `path`, with the experts of
+    /// `only` (all when `None`).
+    fn load_some(
+        path: &std::path::Path,
+        prefix: &str,
+        only: Option<&[usize]>,
+    ) -> Result<(Self, Layout)> {
         let prefix = layer_prefix(prefix);
         let shards = shard_paths(path, prefix)?;
         if shards.is_empty() {
@@ -198,7 +200,7 @@ impl MoeWeights {
             });
         }
         let mapped = Mapped::open(&shards)?;
-        Self::from_tensors(&mapped.tensors()?, prefix, Some(experts))
+        Self::from_tensors(&mapped.tensors()?, prefix, only)
     }
 
     /// [`Self::load`] from the bytes of one safetensors file.
