@@ -205,9 +205,7 @@ impl MoeWeights {
 
     /// [`Self::load`] from the bytes of one safetensors file.
     pub fn from_safetensors(bytes: &[u8], prefix: &str) -> Result<(Self, Layout)> {
-        let file =
-            SafeTensors::deserialize(bytes).map_err(|e| ExpertsError::Format(e.to_string()))?;
-        Self::from_tensors(&Tensors::new(vec![file])?, layer_prefix(prefix), None)
+        Self::from_bytes(bytes, prefix, None)
     }
 
     /// [`Self::load_experts`] from the bytes of one safetensors file.
@@ -216,13 +214,15 @@ impl MoeWeights {
         prefix: &str,
         experts: &[usize],
     ) -> Result<(Self, Layout)> {
+        Self::from_bytes(bytes, prefix, Some(experts))
+    }
+
+    /// The layer under `prefix` in the bytes of one safetensors file, with the experts
+    /// of `only` (all when `None`).
+    fn from_bytes(bytes: &[u8], prefix: &str, only: Option<&[usize]>) -> Result<(Self, Layout)> {
         let file =
             SafeTensors::deserialize(bytes).map_err(|e| ExpertsError::Format(e.to_string()))?;
-        Self::from_tensors(
-            &Tensors::new(vec![file])?,
-            layer_prefix(prefix),
-            Some(experts),
-        )
+        Self::from_tensors(&Tensors::new(vec![file])?, layer_prefix(prefix), only)
     }
 
     /// The layer under `prefix`, with the experts of `only` (all when `None`).
