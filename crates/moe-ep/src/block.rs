@@ -17,7 +17,9 @@ use moe_runtime::cuda::{
 };
 use moe_runtime::size::product;
 
-use crate::exchange::{EpExchange, ExchangeInput, ExchangeMode, ExchangeShape, LocalExperts};
+use crate::exchange::{
+    EpExchange, ExchangeInput, ExchangeMode, ExchangeShape, LocalExperts, zeros,
+};
 use crate::nccl::Communicator;
 use crate::placement::ExpertPlacement;
 use crate::{EpError, Result};
@@ -190,8 +192,6 @@ impl EpMoeBlock {
             .collect();
         let shape = ExchangeShape::bf16(e, k, h, max_num_tokens);
         let rows = product("rows received (W * M * K)", &[world, max_num_tokens, k])?;
-        let zeros_bf16 = |len: usize| DeviceBuffer::<bf16>::zeros(&device, len.max(1));
-        let zeros_f32 = |len: usize| DeviceBuffer::<f32>::zeros(&device, len.max(1));
         let shared_rows = if weights.shared.is_some() {
             max_num_tokens
         } else {
@@ -200,23 +200,29 @@ impl EpMoeBlock {
         let s = config.shared_intermediate_size;
         let entries = product("entries (M * K)", &[max_num_tokens, k])?;
         let activations = Activations {
-            hidden: zeros_bf16(product("hidden states", &[max_num_tokens, h])?)?,
-            logits: zeros_f32(product("router logits", &[max_num_tokens, e])?)?,
-            topk_ids: DeviceBuffer::zeros(&device, entries.max(1))?,
-            topk_weights: zeros_f32(entries)?,
-            out: zeros_bf16(product("block output", &[max_num_tokens, h])?)?,
-            shared_gate_up: zeros_bf16(product("shared gate/up", &[shared_rows, 2, s])?)?,
-            shared_act: zeros_bf16(product("shared activations", &[shared_rows, s])?)?,
-            shared_out: zeros_bf16(product("shared output", &[shared_rows, h])?)?,
+            hidden: zeros(&device, product("hidden states", &[max_num_tokens, h])?)?,
+            logits: zeros(&device, product("router logits", &[max_num_tokens, e])?)?,
+            topk_ids: zeros(&device, entries)?,
+            topk_weights: zeros(&device, entries)?,
+            out: zeros(&device, product("block output", &[max_num_tokens, h])?)?,
+            shared_gate_up: zeros(&device, product("shared gate/up", &[shared_rows, 2, s])?)?,
+            shared_act: zeros(&device, product("shared activations", &[shared_rows, s])?)?,
+            shared_out: zeros(&device, product("shared output", &[shared_rows, h])?)?,
         };
         let experts = GroupedLocalExperts {
             gate_up: DeviceBuffer::from_host(&device, &stack_gate_up(weights, &local_experts))?,
             down: DeviceBuffer::from_host(&device, &down)?,
-            act: zeros_bf16(product("expert activations (W * M * K * I)", &[rows, i])?)?,
-            partials: zeros_f32(product(
-                "split GEMM partial sums",
-                &[MAX_SPLITS, rows.min(SPLIT_MAX_ROWS), (2 * i).max(h)],
-            )?)?,
+            act: zeros(
+                &device,
+                product("expert activations (W * M * K * I)", &[rows, i])?,
+            )?,
+            partials: zeros(
+                &device,
+                product(
+                    "split GEMM partial sums",
+                    &[MAX_SPLITS, rows.min(SPLIT_MAX_ROWS), (2 * i).max(h)],
+                )?,
+            )?,
             multiprocessors: multiprocessors(&device)?,
             hidden_size: h,
             intermediate_size: i,

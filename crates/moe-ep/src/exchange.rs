@@ -13,8 +13,9 @@
 //!   its entries back (one nonzero term each, so the sum is exact). Sizes depend only
 //!   on `max_num_tokens`: no host wait, and a layer can be captured in a CUDA graph.
 //!
-//! Every buffer is allocated when the exchange is built, for `max_num_tokens` tokens
-//! per rank: a call allocates nothing.
+//! Every device buffer is allocated when the exchange is built, for `max_num_tokens`
+//! tokens per rank: a call allocates no device memory (exact mode reads the ranks'
+//! `W * (W + 2)` counts into a small host vector).
 
 use std::sync::Arc;
 
@@ -191,7 +192,9 @@ pub struct EpExchange {
     buffers: ModeBuffers,
 }
 
-fn zeros<T: cuda::DeviceRepr + cuda::ValidAsZeroBits>(
+/// `len` zeroed elements on `device`, at least one (a device allocation cannot be
+/// empty; views of it are cut to the call's length).
+pub(crate) fn zeros<T: cuda::DeviceRepr + cuda::ValidAsZeroBits>(
     device: &CudaDevice,
     len: usize,
 ) -> Result<DeviceBuffer<T>> {
