@@ -138,6 +138,9 @@ kernels! {
     PermuteFusedI64 => "permute_fused_i64", PermuteFused;
     RoutePlaceScanI32 => "route_place_scan_i32", Route;
     RoutePlaceScanI64 => "route_place_scan_i64", Route;
+    UnpermuteF32V16Small => "unpermute_f32_v16_small", Unpermute;
+    UnpermuteF16V16Small => "unpermute_f16_v16_small", Unpermute;
+    UnpermuteBf16V16Small => "unpermute_bf16_v16_small", Unpermute;
 }
 
 impl Kernel {
@@ -194,8 +197,21 @@ impl Kernel {
         }
     }
 
-    /// `unpermute_*`: the weighted combine; `vector` when rows allow 16-byte accesses.
-    pub const fn unpermute(float: Float, vector: bool) -> Kernel {
+    /// `unpermute_*`: the weighted combine; `vector` when rows allow 16-byte accesses,
+    /// `small` for a call of at most [`UNPERMUTE_SMALL_MAX_TOKENS`] tokens (every row
+    /// of a token read at once; 16-byte rows only).
+    ///
+    /// [`UNPERMUTE_SMALL_MAX_TOKENS`]: crate::UNPERMUTE_SMALL_MAX_TOKENS
+    pub const fn unpermute(float: Float, vector: bool, small: bool) -> Kernel {
+        match (float, vector, small) {
+            (Float::F32, true, true) => Kernel::UnpermuteF32V16Small,
+            (Float::F16, true, true) => Kernel::UnpermuteF16V16Small,
+            (Float::BF16, true, true) => Kernel::UnpermuteBf16V16Small,
+            (float, vector, _) => Kernel::unpermute_one_row(float, vector),
+        }
+    }
+
+    const fn unpermute_one_row(float: Float, vector: bool) -> Kernel {
         match (float, vector) {
             (Float::F32, true) => Kernel::UnpermuteF32V16,
             (Float::F32, false) => Kernel::UnpermuteF32V1,

@@ -22,6 +22,10 @@ pub const ROW_THREADS: u32 = 128;
 pub const PERMUTE_VECTORS_PER_THREAD: u32 = 2;
 /// Vectors of a row each thread of `unpermute_*` sums.
 pub const UNPERMUTE_VECTORS_PER_THREAD: u32 = 1;
+/// The most tokens for which unpermute reads each token's rows all at once
+/// (`unpermute_*_small`): below it the grid is too small to hide one row read's
+/// latency behind other warps, above it the extra registers cost occupancy.
+pub const UNPERMUTE_SMALL_MAX_TOKENS: u32 = 64;
 
 /// Blocks a row kernel's grid aims at: enough to fill every multiprocessor of an
 /// H100 or H200 several times over.

@@ -432,6 +432,23 @@ fn unpermute_cases() -> Vec<UnpermuteCase> {
                 index_error("inv_permuted_idx", 2, -9, negative()),
             )
         },
+        {
+            // 100 tokens: past `UNPERMUTE_SMALL_MAX_TOKENS`, so the other kernel reports.
+            const { assert!(100 > moe_kernels::UNPERMUTE_SMALL_MAX_TOKENS) };
+            let mut inv: Vec<i32> = (0..200).collect();
+            inv[151] = -3;
+            UnpermuteCase {
+                inv,
+                rows: 200,
+                weights: 200,
+                offsets: vec![0, 80, 200],
+                out_rows: 100,
+                ..unpermute_base(
+                    "a negative row index in a large call",
+                    index_error("inv_permuted_idx", 151, -3, negative()),
+                )
+            }
+        },
         UnpermuteCase {
             inv: vec![-1, 1, 2, 3],
             offsets: vec![0, 2, 7],

@@ -92,6 +92,9 @@ fn cases() -> Vec<Case> {
     let mut cases = vec![
         edge(0, 2, 8, 64, DType::BF16),
         edge(1, 8, 256, 7168, DType::BF16),
+        // More than eight choices: a small unpermute reads its rows eight at a time.
+        edge(5, 10, 64, 256, DType::BF16),
+        edge(64, 13, 64, 1024, DType::F16),
         edge(4096 / 8, 8, 512, 128, DType::F16),
         edge(4096 / 8 + 1, 8, 512, 128, DType::F32),
         edge(16384, 8, 256, 256, DType::BF16),

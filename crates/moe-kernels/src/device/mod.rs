@@ -16,7 +16,7 @@ use crate::params::{
     GroupedRouterParams, PermuteFusedParams, PermuteRowsParams, RouteParams, RouterParams,
     SiluMulParams, UnpermuteParams,
 };
-use rows::{BF16, F16, F32, V16};
+use rows::{BF16, F16, F32, LOADS_LARGE as ONE, LOADS_SMALL as ALL, V16};
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
@@ -55,12 +55,15 @@ kernels! {
     permute_rows_v16(p: PermuteRowsParams) => rows::permute_rows::<V16>(p);
     permute_rows_v4(p: PermuteRowsParams) => rows::permute_rows::<u32>(p);
     permute_rows_v1(p: PermuteRowsParams) => rows::permute_rows::<u8>(p);
-    unpermute_f32_v16(p: UnpermuteParams) => rows::unpermute::<F32, 4, true>(p);
-    unpermute_f32_v1(p: UnpermuteParams) => rows::unpermute::<F32, 1, false>(p);
-    unpermute_f16_v16(p: UnpermuteParams) => rows::unpermute::<F16, 8, true>(p);
-    unpermute_f16_v1(p: UnpermuteParams) => rows::unpermute::<F16, 1, false>(p);
-    unpermute_bf16_v16(p: UnpermuteParams) => rows::unpermute::<BF16, 8, true>(p);
-    unpermute_bf16_v1(p: UnpermuteParams) => rows::unpermute::<BF16, 1, false>(p);
+    unpermute_f32_v16(p: UnpermuteParams) => rows::unpermute::<F32, 4, true, ONE>(p);
+    unpermute_f32_v1(p: UnpermuteParams) => rows::unpermute::<F32, 1, false, ONE>(p);
+    unpermute_f16_v16(p: UnpermuteParams) => rows::unpermute::<F16, 8, true, ONE>(p);
+    unpermute_f16_v1(p: UnpermuteParams) => rows::unpermute::<F16, 1, false, ONE>(p);
+    unpermute_bf16_v16(p: UnpermuteParams) => rows::unpermute::<BF16, 8, true, ONE>(p);
+    unpermute_bf16_v1(p: UnpermuteParams) => rows::unpermute::<BF16, 1, false, ONE>(p);
+    unpermute_f32_v16_small(p: UnpermuteParams) => rows::unpermute::<F32, 4, true, ALL>(p);
+    unpermute_f16_v16_small(p: UnpermuteParams) => rows::unpermute::<F16, 8, true, ALL>(p);
+    unpermute_bf16_v16_small(p: UnpermuteParams) => rows::unpermute::<BF16, 8, true, ALL>(p);
     router_topk(p: RouterParams) => block::router_topk(p);
     silu_mul_bf16(p: SiluMulParams) => block::silu_mul_bf16(p);
     router_grouped(p: GroupedRouterParams) => block::router_grouped(p);

@@ -13,12 +13,35 @@ use crate::params::{
     UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams, blocks_per_row,
 };
 
-/// Rows whose loads unpermute issues before it sums them. Measured on an H200
-/// (`moe bench`, DeepSeek-V3 shape, 16384 tokens): 1 reaches the copy bandwidth
-/// (500 us); 2 and 4 use more registers, so fewer warps are resident, and reach only
-/// 92% and 82% of it; 8 spills to local memory. Occupancy, not per-thread ILP, is what
-/// hides the latency here.
-const LOADS_IN_FLIGHT: usize = 1;
+/// Rows whose loads unpermute issues before it sums them, for a large call. Measured
+/// on an H200 (`moe bench`, DeepSeek-V3 shape, 16384 tokens): 1 reaches the copy
+/// bandwidth (500 us); 2 and 4 use more registers, so fewer warps are resident, and
+/// reach only 92% and 82% of it. Occupancy, not per-thread ILP, is what hides the
+/// latency there.
+pub(crate) const LOADS_LARGE: usize = 1;
+
+/// Rows whose loads unpermute issues before it sums them, for a small call: a top-8
+/// token's every row. A small call's grid has too few warps to hide a row read's
+/// latency, so the rows must be in flight together, not read one after another.
+pub(crate) const LOADS_SMALL: usize = 8;
+
+/// Runs `$body` once for each `$j` in `0..8`, each time with `$j` a constant. LLVM
+/// leaves a loop rolled when its body is large (as a 16-bit row's sum is), and a
+/// rolled loop indexes its arrays at run time, which puts them in local memory; the
+/// row loops of [`unpermute`] are written with this instead. `LOADS` is at most 8.
+macro_rules! unroll_8 {
+    ($j:ident => $body:expr) => {
+        unroll_8!(@ $j $body; 0 1 2 3 4 5 6 7)
+    };
+    (@ $j:ident $body:expr; $($n:literal)*) => {
+        $({
+            let $j: usize = $n;
+            $body
+        })*
+    };
+}
+
+const _: () = assert!(LOADS_LARGE <= 8 && LOADS_SMALL <= 8);
 
 /// 16 bytes with 16-byte alignment: loads and stores become `ld/st.global.v4`.
 #[repr(C, align(16))]
@@ -250,7 +273,9 @@ unsafe fn store<T: Copy, const N: usize, const VEC: bool>(ptr: *mut T, value: [T
 
 /// `out[t] = sum over kept k of w[t,k] * permuted[inv[t*K+k]]` for this thread's `N`
 /// elements of token `t`: f32 accumulation in ascending `k` (a multiply and an add,
-/// each rounded, as on the CPU), one rounding to `T`, one write per element.
+/// each rounded, as on the CPU), one rounding to `T`, one write per element. `LOADS`
+/// rows are read at once: their indices and weights first, then every row, then the
+/// sum, so that the row reads overlap ([`LOADS_LARGE`], [`LOADS_SMALL`]).
 ///
 /// Bad input the host could not see is reported to the call's status block, as the
 /// CPU reports it: a valid count outside `0..=rows` (block 0), a negative row index
@@ -262,7 +287,9 @@ unsafe fn store<T: Copy, const N: usize, const VEC: bool>(ptr: *mut T, value: [T
 /// blocks of `ROW_THREADS`; `N` divides `H`; 16-byte alignment of every row when
 /// `VEC`; buffers sized by the host for this call.
 #[inline(always)]
-pub(crate) unsafe fn unpermute<T: Float, const N: usize, const VEC: bool>(p: &UnpermuteParams) {
+pub(crate) unsafe fn unpermute<T: Float, const N: usize, const VEC: bool, const LOADS: usize>(
+    p: &UnpermuteParams,
+) {
     let topk = p.topk as usize;
     let hidden = p.hidden_size as usize;
     let vectors = (hidden / N) as u32;
@@ -294,33 +321,29 @@ pub(crate) unsafe fn unpermute<T: Float, const N: usize, const VEC: bool>(p: &Un
             let mut acc = [0.0f32; N];
             let mut k = 0;
             while k < topk {
-                // Issue up to LOADS_IN_FLIGHT rows' loads, then sum them in ascending k.
-                let mut x = [[T::default(); N]; LOADS_IN_FLIGHT];
-                let mut w = [0.0f32; LOADS_IN_FLIGHT];
-                let mut kept = [false; LOADS_IN_FLIGHT];
-                for j in 0..LOADS_IN_FLIGHT {
-                    if k + j < topk {
-                        let row = *inv.add(k + j);
-                        if row < 0 && reporter {
-                            let position = token * p.topk + (k + j) as u32;
-                            super::status::inv_entry(p.status, p.call, position, row);
-                        }
-                        let row = row as u32;
-                        if row < valid {
-                            kept[j] = true;
-                            w[j] = *weights.add(k + j);
-                            x[j] = load::<T, N, VEC>(permuted.add(row as usize * hidden + column));
-                        }
-                    }
+                // A negative index becomes a row past every valid one: dropped.
+                let mut rows = [u32::MAX; LOADS];
+                let mut w = [0.0f32; LOADS];
+                unroll_8!(j => if j < LOADS && k + j < topk {
+                    rows[j] = *inv.add(k + j) as u32;
+                    w[j] = *weights.add(k + j);
+                });
+                if reporter {
+                    unroll_8!(j => if j < LOADS && k + j < topk && (rows[j] as i32) < 0 {
+                        let position = token * p.topk + (k + j) as u32;
+                        super::status::inv_entry(p.status, p.call, position, rows[j] as i32);
+                    });
                 }
-                for j in 0..LOADS_IN_FLIGHT {
-                    if kept[j] {
-                        for e in 0..N {
-                            acc[e] += w[j] * x[j][e].widen();
-                        }
+                let mut x = [[T::default(); N]; LOADS];
+                unroll_8!(j => if j < LOADS && rows[j] < valid {
+                    x[j] = load::<T, N, VEC>(permuted.add(rows[j] as usize * hidden + column));
+                });
+                unroll_8!(j => if j < LOADS && rows[j] < valid {
+                    for e in 0..N {
+                        acc[e] += w[j] * x[j][e].widen();
                     }
-                }
-                k += LOADS_IN_FLIGHT;
+                });
+                k += LOADS;
             }
             let mut narrow = [T::default(); N];
             for e in 0..N {

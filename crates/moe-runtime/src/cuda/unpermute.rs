@@ -1,7 +1,10 @@
 //! unpermute on a CUDA device: one block (or a few) per token sums its kept rows.
 
 use moe_kernels::kernels::{Float, Kernel};
-use moe_kernels::{ROW_THREADS, UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams, blocks_per_row};
+use moe_kernels::{
+    ROW_THREADS, UNPERMUTE_SMALL_MAX_TOKENS, UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams,
+    blocks_per_row,
+};
 
 use super::device::Stream;
 use super::launch::{Grid, launch};
@@ -157,11 +160,19 @@ pub fn unpermute_into(
         blocks,
         threads: ROW_THREADS,
     };
+    let small = num_tokens <= UNPERMUTE_SMALL_MAX_TOKENS as usize;
     // SAFETY: every length checked against the others (`N` tokens of `K` entries and
     // weights, `R` rows of `H`, `L + 1` offsets, an `[N, H]` output); the kernel
     // clamps the valid count to `R` and skips negative rows, so it reads in bounds
     // whatever the values; every view is usable on `stream`, where it is queued.
-    unsafe { launch(stream, Kernel::unpermute(float, vector), grid, &params)? };
+    unsafe {
+        launch(
+            stream,
+            Kernel::unpermute(float, vector, small),
+            grid,
+            &params,
+        )?
+    };
     views.record(stream)?;
     input.status.after_call(stream)
 }
