@@ -198,10 +198,10 @@ impl Kernel {
     }
 
     /// `unpermute_*`: the weighted combine; `vector` when rows allow 16-byte accesses,
-    /// `small` for a call of at most [`UNPERMUTE_SMALL_MAX_TOKENS`] tokens (every row
-    /// of a token read at once; 16-byte rows only).
+    /// `small` where [`unpermute_reads_rows_at_once`] says so (every row of a token read
+    /// at once; 16-byte rows only).
     ///
-    /// [`UNPERMUTE_SMALL_MAX_TOKENS`]: crate::UNPERMUTE_SMALL_MAX_TOKENS
+    /// [`unpermute_reads_rows_at_once`]: crate::unpermute_reads_rows_at_once
     pub const fn unpermute(float: Float, vector: bool, small: bool) -> Kernel {
         match (float, vector, small) {
             (Float::F32, true, true) => Kernel::UnpermuteF32V16Small,

@@ -72,6 +72,28 @@ mod tests {
     }
 
     #[test]
+    fn unpermute_reads_rows_at_once_for_small_calls_of_four_choices_or_more() {
+        use kernels::{Float, Kernel};
+        assert!(unpermute_reads_rows_at_once(1, 8));
+        assert!(unpermute_reads_rows_at_once(1024, 8));
+        assert!(!unpermute_reads_rows_at_once(1025, 8));
+        assert!(unpermute_reads_rows_at_once(2048, 4));
+        assert!(!unpermute_reads_rows_at_once(1, 2));
+        assert!(!unpermute_reads_rows_at_once(1, 3));
+        // N*K past u32 does not wrap into the small range.
+        assert!(!unpermute_reads_rows_at_once(u32::MAX, 8));
+        assert_eq!(
+            Kernel::unpermute(Float::BF16, true, true),
+            Kernel::UnpermuteBf16V16Small
+        );
+        // Rows that are not 16-byte vectors have one kernel whatever the call.
+        assert_eq!(
+            Kernel::unpermute(Float::BF16, false, true),
+            Kernel::UnpermuteBf16V1
+        );
+    }
+
+    #[test]
     fn row_vectors_follow_size_and_alignment() {
         use kernels::RowVector::*;
         assert_eq!(kernels::RowVector::for_layout(14336, 0x7f00_0000), Bytes16);

@@ -22,10 +22,22 @@ pub const ROW_THREADS: u32 = 128;
 pub const PERMUTE_VECTORS_PER_THREAD: u32 = 2;
 /// Vectors of a row each thread of `unpermute_*` sums.
 pub const UNPERMUTE_VECTORS_PER_THREAD: u32 = 1;
-/// The most tokens for which unpermute reads each token's rows all at once
-/// (`unpermute_*_small`): below it the grid is too small to hide one row read's
-/// latency behind other warps, above it the extra registers cost occupancy.
-pub const UNPERMUTE_SMALL_MAX_TOKENS: u32 = 64;
+/// The fewest choices a token needs for unpermute to read its rows all at once.
+pub const UNPERMUTE_SMALL_MIN_TOPK: u32 = 4;
+/// The most entries (`N*K`) for which unpermute reads each token's rows all at once.
+pub const UNPERMUTE_SMALL_MAX_ENTRIES: u32 = 8192;
+
+/// Whether unpermute reads each token's rows all at once (`unpermute_*_small`)
+/// rather than one after another. Measured on an H200 (`moe bench`, docs/kernels.md):
+/// for top-8 it takes 0.55-0.68x the time up to 64 tokens and 0.62-0.93x up to 1024
+/// (8192 entries), and 1.12x at 2048, where the grid has warps enough to hide a row
+/// read's latency and the extra registers cost occupancy; for top-2 it is 1.08-1.2x
+/// slower at every size (two rows give little to overlap). Top-3 to top-7 were not
+/// measured: from 4 choices on the rows to overlap are taken to pay, as for top-8.
+pub const fn unpermute_reads_rows_at_once(num_tokens: u32, topk: u32) -> bool {
+    topk >= UNPERMUTE_SMALL_MIN_TOPK
+        && (num_tokens as u64) * (topk as u64) <= UNPERMUTE_SMALL_MAX_ENTRIES as u64
+}
 
 /// Blocks a row kernel's grid aims at: enough to fill every multiprocessor of an
 /// H100 or H200 several times over.

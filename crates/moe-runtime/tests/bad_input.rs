@@ -433,19 +433,23 @@ fn unpermute_cases() -> Vec<UnpermuteCase> {
             )
         },
         {
-            // 100 tokens: past `UNPERMUTE_SMALL_MAX_TOKENS`, so the other kernel reports.
-            const { assert!(100 > moe_kernels::UNPERMUTE_SMALL_MAX_TOKENS) };
-            let mut inv: Vec<i32> = (0..200).collect();
-            inv[151] = -3;
+            // Top-4 of 5 tokens: read by the kernel that loads a token's rows at once
+            // (the other cases, top-2 or top-3, by the one that loads them in turn).
+            const { assert!(moe_kernels::unpermute_reads_rows_at_once(5, 4)) };
+            const { assert!(!moe_kernels::unpermute_reads_rows_at_once(2, 2)) };
+            let mut inv: Vec<i32> = (0..20).collect();
+            inv[13] = -3;
+            inv[17] = -5;
             UnpermuteCase {
                 inv,
-                rows: 200,
-                weights: 200,
-                offsets: vec![0, 80, 200],
-                out_rows: 100,
+                topk: 4,
+                rows: 20,
+                weights: 20,
+                offsets: vec![0, 8, 20],
+                out_rows: 5,
                 ..unpermute_base(
-                    "a negative row index in a large call",
-                    index_error("inv_permuted_idx", 151, -3, negative()),
+                    "a negative row index, four choices a token",
+                    index_error("inv_permuted_idx", 13, -3, negative()),
                 )
             }
         },

@@ -2,8 +2,8 @@
 
 use moe_kernels::kernels::{Float, Kernel};
 use moe_kernels::{
-    ROW_THREADS, UNPERMUTE_SMALL_MAX_TOKENS, UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams,
-    blocks_per_row,
+    ROW_THREADS, UNPERMUTE_VECTORS_PER_THREAD, UnpermuteParams, blocks_per_row,
+    unpermute_reads_rows_at_once,
 };
 
 use super::device::Stream;
@@ -160,7 +160,7 @@ pub fn unpermute_into(
         blocks,
         threads: ROW_THREADS,
     };
-    let small = num_tokens <= UNPERMUTE_SMALL_MAX_TOKENS as usize;
+    let small = unpermute_reads_rows_at_once(params.num_tokens, params.topk);
     // SAFETY: every length checked against the others (`N` tokens of `K` entries and
     // weights, `R` rows of `H`, `L + 1` offsets, an `[N, H]` output); the kernel
     // clamps the valid count to `R` and skips negative rows, so it reads in bounds
