@@ -29,10 +29,10 @@ pub const UNPERMUTE_SMALL_MAX_ENTRIES: u32 = 8192;
 
 /// Whether unpermute reads each token's rows all at once (`unpermute_*_small`)
 /// rather than one after another. Measured on an H200 (`moe bench`, docs/kernels.md):
-/// for top-8 it takes 0.55-0.68x the time up to 64 tokens and 0.62-0.93x up to 1024
-/// (8192 entries), and 1.12x at 2048, where the grid has warps enough to hide a row
-/// read's latency and the extra registers cost occupancy; for top-2 it is 1.08-1.2x
-/// slower at every size (two rows give little to overlap). Top-3 to top-7 were not
+/// for top-8 it takes 0.55-0.68x the time up to 64 tokens and 0.62-1.00x from 128 to
+/// 1024 (8192 entries), and 1.12-1.13x at 2048, where the grid has warps enough to
+/// hide a row read's latency and the extra registers cost occupancy; for top-2 it is
+/// 1.08-2.1x slower at every size (two rows give little to overlap). Top-3 to top-7 were not
 /// measured: from 4 choices on the rows to overlap are taken to pay, as for top-8.
 pub const fn unpermute_reads_rows_at_once(num_tokens: u32, topk: u32) -> bool {
     topk >= UNPERMUTE_SMALL_MIN_TOPK
