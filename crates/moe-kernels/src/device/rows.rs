@@ -138,20 +138,33 @@ pub(crate) unsafe fn permute_rows<V: Copy + Default>(p: &PermuteRowsParams) {
 /// buffers sized by the host for this call.
 #[inline(always)]
 pub(crate) unsafe fn permute_fused<I: ExpertId>(p: &PermuteFusedParams) {
+    let r = &p.rows;
+    let f = block();
+    let entry = f < r.dims.num_entries();
+    let row_bytes = r.layout.row_bytes as usize;
+    let vectors = (row_bytes / size_of::<V16>()) as u32;
+    let token = if entry { f / r.dims.topk } else { 0 };
+    let src = (r.hidden_states as *const u8).wrapping_add(token as usize * row_bytes) as *const V16;
+    // The source row does not depend on the routing: its first `FUSED_PREFETCH`
+    // vectors a thread (16 KiB a row, every model's row) are read before routing, so
+    // that their memory latency overlaps the routing instead of following it.
+    let mut head = [V16::default(); FUSED_PREFETCH];
+    for (j, x) in head.iter_mut().enumerate() {
+        let v = thread() + j as u32 * ROUTE_THREADS;
+        if entry && v < vectors {
+            // SAFETY: `token < N` for an entry; `v` within the row, 16-byte aligned.
+            *x = unsafe { *src.add(v as usize) };
+        }
+    }
     let shared_inv = fused_inv_shared();
     // SAFETY: one chunk of `N*K <= FUSED_MAX_ENTRIES` entries, which `shared_inv`
     // holds; the routing buffers as the caller guarantees.
     let outputs = (block() == 0, block() == 0);
     let valid = unsafe { route_place_with::<I, false>(&p.route, 0, outputs, false, shared_inv) };
     sync_threads();
-    let r = &p.rows;
-    let f = block();
-    if f >= r.dims.num_entries() {
+    if !entry {
         return;
     }
-    let row_bytes = r.layout.row_bytes as usize;
-    let vectors = (row_bytes / size_of::<V16>()) as u32;
-    let token = f / r.dims.topk;
     // SAFETY: `f < N*K` entries in shared memory; a row below the valid count is one
     // of the destination's `N*K` rows; vectors within the row (16-byte aligned, as
     // the caller guarantees); scales within `[N, S]` and `[N*K, S]`.
@@ -160,9 +173,14 @@ pub(crate) unsafe fn permute_fused<I: ExpertId>(p: &PermuteFusedParams) {
         if row >= valid {
             return;
         }
-        let src = (r.hidden_states as *const u8).add(token as usize * row_bytes) as *const V16;
         let dst = (r.permuted_hidden_states as *mut u8).add(row as usize * row_bytes) as *mut V16;
-        let mut v = thread();
+        for (j, x) in head.iter().enumerate() {
+            let v = thread() + j as u32 * ROUTE_THREADS;
+            if v < vectors {
+                *dst.add(v as usize) = *x;
+            }
+        }
+        let mut v = thread() + FUSED_PREFETCH as u32 * ROUTE_THREADS;
         while v < vectors {
             *dst.add(v as usize) = *src.add(v as usize);
             v += ROUTE_THREADS;
@@ -176,6 +194,10 @@ pub(crate) unsafe fn permute_fused<I: ExpertId>(p: &PermuteFusedParams) {
         }
     }
 }
+
+/// Vectors a thread of [`permute_fused`] reads before routing: with [`ROUTE_THREADS`]
+/// threads, rows up to 16 KiB are read whole.
+const FUSED_PREFETCH: usize = 2;
 
 const ROW_THREADS_U: u32 = crate::params::ROW_THREADS;
 
