@@ -1,6 +1,7 @@
 //! `cargo xtask build-ptx [--check]`: compile the device side of `crates/moe-kernels`
-//! to `kernels-gpu/moe_kernels.ptx`, or check that the committed copy is current; then
-//! check the PTX with `ptxas` either way.
+//! into its PTX modules ([`MODULES`]: `kernels-gpu/moe_kernels.ptx` for sm_80,
+//! `kernels-gpu/moe_kernels_sm90.ptx` for sm_90), or check that the committed ones are
+//! current; then check each with `ptxas` either way.
 //!
 //! The compile is `cargo rustc --profile ptx --target nvptx64-nvidia-cuda
 //! -Zbuild-std=core --crate-type cdylib -- --emit=asm`, run by the device toolchain
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::manifest::{
-    self, KERNELS_CRATE, Manifest, SourceFile, collect_sources, first_difference, per_file_sha256,
-    sources_sha256,
+    self, KERNELS_CRATE, Manifest, ModuleRecord, SourceFile, collect_sources, first_difference,
+    per_file_sha256, sources_sha256,
 };
 use crate::ptxas;
 use crate::toolchain::{DeviceToolchain, Ptxas, first_line};
@@ -32,18 +33,50 @@ pub(crate) enum Mode {
 }
 
 pub(crate) const TARGET: &str = "nvptx64-nvidia-cuda";
-pub(crate) const TARGET_CPU: &str = "sm_80";
-/// The PTX ISA version, and the target feature that selects it.
-pub(crate) const PTX_ISA: &str = "7.8";
-const PTX_FEATURE: &str = "+ptx78";
-/// The architectures `ptxas` checks: the one the PTX targets, and Hopper.
-const PTXAS_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+
+/// One PTX module: the kernels crate compiled for one architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Module {
+    /// `-C target-cpu`, also the module's name.
+    pub(crate) cpu: &'static str,
+    /// The PTX ISA version, and the target feature that selects it.
+    pub(crate) ptx_isa: &'static str,
+    feature: &'static str,
+    /// A `--cfg` the kernels are compiled with, for code only this module has.
+    cfg: Option<&'static str>,
+    /// Where it is committed, relative to the workspace root.
+    pub(crate) file: &'static str,
+    /// The architectures `ptxas` checks it for.
+    ptxas_archs: &'static [&'static str],
+}
+
+/// The modules, in build order. sm_80 runs everywhere (Ampere on); the sm_90 module is
+/// the same kernels, each waiting for the grid before it first (`cfg(moe_sm90)`), which
+/// the runtime loads on Hopper and later to overlap launches.
+pub(crate) const MODULES: [Module; 2] = [
+    Module {
+        cpu: "sm_80",
+        ptx_isa: "7.8",
+        feature: "+ptx78",
+        cfg: None,
+        file: "kernels-gpu/moe_kernels.ptx",
+        ptxas_archs: &["sm_80", "sm_90"],
+    },
+    Module {
+        cpu: "sm_90",
+        ptx_isa: "8.0",
+        feature: "+ptx80",
+        cfg: Some("moe_sm90"),
+        file: "kernels-gpu/moe_kernels_sm90.ptx",
+        ptxas_archs: &["sm_90"],
+    },
+];
 
 const OUT_DIR: &str = "kernels-gpu";
-const PTX_FILE: &str = "kernels-gpu/moe_kernels.ptx";
 const MANIFEST_FILE: &str = "kernels-gpu/manifest.json";
 /// Cargo target directories (relative to the root) of the build and of `--check`'s
-/// rebuild, kept apart so a check never reuses the build's outputs.
+/// rebuild, kept apart so a check never reuses the build's outputs; each module builds
+/// in a directory of its own below them (its flags differ).
 const BUILD_TARGET_DIR: &str = "target/ptx";
 const CHECK_TARGET_DIR: &str = "target/ptx-check";
 
@@ -61,31 +94,49 @@ pub(crate) fn run(root: &Path, mode: Mode) -> Result<()> {
 fn write(root: &Path, ptxas: &Ptxas) -> Result<()> {
     let toolchain = DeviceToolchain::find()?;
     let sources = collect_sources(root)?;
-    let ptx = compile(root, &toolchain, BUILD_TARGET_DIR)?;
-    let manifest = manifest_for(&toolchain, &sources, &ptx);
+    let mut built = Vec::new();
+    for module in MODULES {
+        built.push((module, compile(root, &toolchain, BUILD_TARGET_DIR, module)?));
+    }
+    let manifest = manifest_for(&toolchain, &sources, &built);
 
     fs::create_dir_all(root.join(OUT_DIR))
         .with_context(|| format!("could not create {OUT_DIR}"))?;
-    write_if_changed(root, PTX_FILE, &ptx)?;
+    for (module, ptx) in &built {
+        write_if_changed(root, module.file, ptx)?;
+        eprintln!(
+            "wrote {} ({} lines, sha256 {})",
+            module.file,
+            ptx.lines().count(),
+            &manifest::sha256(ptx.as_bytes())[..16],
+        );
+    }
     write_if_changed(root, MANIFEST_FILE, &manifest.to_json())?;
-    eprintln!(
-        "wrote {PTX_FILE} ({} lines, sha256 {}) and {MANIFEST_FILE}",
-        ptx.lines().count(),
-        &manifest.ptx_sha256[..16],
-    );
-    check_with_ptxas(root, ptxas, PTX_FILE)
+    eprintln!("wrote {MANIFEST_FILE}");
+    for module in MODULES {
+        check_with_ptxas(root, ptxas, module)?;
+    }
+    Ok(())
 }
 
 fn check(root: &Path, ptxas: &Ptxas) -> Result<()> {
-    let committed_ptx = read_committed(root, PTX_FILE)?;
     let committed_json = read_committed(root, MANIFEST_FILE)?;
     let committed = Manifest::from_json(&committed_json)
         .with_context(|| format!("could not read {MANIFEST_FILE}; {STALE}"))?;
-    if manifest::sha256(committed_ptx.as_bytes()) != committed.ptx_sha256 {
-        bail!(
-            "{PTX_FILE} does not match the ptx_sha256 in {MANIFEST_FILE} (edited by hand, or \
-             committed without its manifest?)\n{STALE}"
-        );
+    let mut committed_ptx = Vec::new();
+    for module in MODULES {
+        let ptx = read_committed(root, module.file)?;
+        let Some(record) = committed.modules.iter().find(|m| m.file == module.file) else {
+            bail!("{MANIFEST_FILE} does not list {}\n{STALE}", module.file);
+        };
+        if manifest::sha256(ptx.as_bytes()) != record.ptx_sha256 {
+            bail!(
+                "{} does not match its ptx_sha256 in {MANIFEST_FILE} (edited by hand, or \
+                 committed without its manifest?)\n{STALE}",
+                module.file
+            );
+        }
+        committed_ptx.push((module, ptx));
     }
 
     // (a) The sources: no compiler needed to see that they changed.
@@ -109,17 +160,22 @@ fn check(root: &Path, ptxas: &Ptxas) -> Result<()> {
             compiler_changed_warning(&committed.compiler, &toolchain.version)
         );
     } else {
-        // (c) Same sources, same compiler: the rebuild must be byte-for-byte the same.
-        let rebuilt = compile(root, &toolchain, CHECK_TARGET_DIR)?;
-        if let Some((line, old, new)) = first_difference(&committed_ptx, &rebuilt) {
-            bail!(
-                "{STALE}\n  {} makes different PTX of these sources than the committed \
-                 {PTX_FILE}; first difference at line {line}:\n    committed: {}\n    \
-                 rebuilt:   {}",
-                toolchain.release_line(),
-                shorten(old),
-                shorten(new),
-            );
+        // (c) Same sources, same compiler: each rebuild must be byte-for-byte the same.
+        let mut rebuilt = Vec::new();
+        for (module, committed) in &committed_ptx {
+            let ptx = compile(root, &toolchain, CHECK_TARGET_DIR, *module)?;
+            if let Some((line, old, new)) = first_difference(committed, &ptx) {
+                bail!(
+                    "{STALE}\n  {} makes different PTX of these sources than the committed \
+                     {}; first difference at line {line}:\n    committed: {}\n    \
+                     rebuilt:   {}",
+                    toolchain.release_line(),
+                    module.file,
+                    shorten(old),
+                    shorten(new),
+                );
+            }
+            rebuilt.push((*module, ptx));
         }
         let manifest_json = manifest_for(&toolchain, &sources, &rebuilt).to_json();
         if let Some((line, old, new)) = first_difference(&committed_json, &manifest_json) {
@@ -130,9 +186,12 @@ fn check(root: &Path, ptxas: &Ptxas) -> Result<()> {
                 shorten(new),
             );
         }
-        eprintln!("{OUT_DIR}/ is up to date: the rebuilt PTX is identical to the committed one");
+        eprintln!("{OUT_DIR}/ is up to date: the rebuilt PTX is identical to the committed PTX");
     }
-    check_with_ptxas(root, ptxas, PTX_FILE)
+    for module in MODULES {
+        check_with_ptxas(root, ptxas, module)?;
+    }
+    Ok(())
 }
 
 /// The warning for `--check` when the installed compiler is not the recorded one.
@@ -154,33 +213,53 @@ fn compiler_changed_warning(recorded: &str, installed: &str) -> String {
     }
     write!(
         warning,
-        "\n  The sources are unchanged, so the committed {PTX_FILE} is what the recorded \
-         compiler makes of them; it was not rebuilt (another compiler may emit different \
-         PTX). To regenerate it with the installed compiler, run `cargo xtask build-ptx`, \
-         review the ptxas table, and commit {OUT_DIR}/. ptxas now checks the committed PTX."
+        "\n  The sources are unchanged, so the committed PTX in {OUT_DIR}/ is what the \
+         recorded compiler makes of them; it was not rebuilt (another compiler may emit \
+         different PTX). To regenerate it with the installed compiler, run `cargo xtask \
+         build-ptx`, review the ptxas tables, and commit {OUT_DIR}/. ptxas now checks the \
+         committed PTX."
     )
     .unwrap();
     warning
 }
 
-fn manifest_for(toolchain: &DeviceToolchain, sources: &[SourceFile], ptx: &str) -> Manifest {
+fn manifest_for(
+    toolchain: &DeviceToolchain,
+    sources: &[SourceFile],
+    built: &[(Module, String)],
+) -> Manifest {
     Manifest {
         generator: "cargo xtask build-ptx".to_owned(),
         compiler: toolchain.version.clone(),
         target: TARGET.to_owned(),
-        target_cpu: TARGET_CPU.to_owned(),
-        ptx_isa: PTX_ISA.to_owned(),
         sources_sha256: sources_sha256(sources),
-        ptx_sha256: manifest::sha256(ptx.as_bytes()),
+        modules: built
+            .iter()
+            .map(|(module, ptx)| ModuleRecord {
+                file: module.file.to_owned(),
+                target_cpu: module.cpu.to_owned(),
+                ptx_isa: module.ptx_isa.to_owned(),
+                ptx_sha256: manifest::sha256(ptx.as_bytes()),
+            })
+            .collect(),
         sources: per_file_sha256(sources),
     }
 }
 
-/// Compiles the kernels crate in `target_dir` and returns the PTX to commit.
-fn compile(root: &Path, toolchain: &DeviceToolchain, target_dir: &str) -> Result<String> {
+/// Compiles the kernels crate for `module` below `target_dir` and returns the PTX to
+/// commit.
+fn compile(
+    root: &Path,
+    toolchain: &DeviceToolchain,
+    target_dir: &str,
+    module: Module,
+) -> Result<String> {
+    let target_dir = format!("{target_dir}/{}", module.cpu);
+    let target_dir = target_dir.as_str();
     eprintln!(
-        "compiling moe-kernels for nvptx64 ({TARGET_CPU}, PTX {PTX_ISA}) with {} in \
-         {target_dir}...",
+        "compiling moe-kernels for nvptx64 ({}, PTX {}) with {} in {target_dir}...",
+        module.cpu,
+        module.ptx_isa,
         toolchain.release_line()
     );
     let start = Instant::now();
@@ -191,10 +270,13 @@ fn compile(root: &Path, toolchain: &DeviceToolchain, target_dir: &str) -> Result
     // own paths are already relative, as cargo passes them.
     let mut rustflags = vec![
         "-C".to_owned(),
-        format!("target-cpu={TARGET_CPU}"),
+        format!("target-cpu={}", module.cpu),
         "-C".to_owned(),
-        format!("target-feature={PTX_FEATURE}"),
+        format!("target-feature={}", module.feature),
     ];
+    if let Some(cfg) = module.cfg {
+        rustflags.extend(["--cfg".to_owned(), cfg.to_owned()]);
+    }
     let virtual_src = format!("/rustc/{}", toolchain.commit_hash());
     let mut src_dirs = vec![toolchain.rust_src.clone()];
     if let Ok(real) = toolchain.rust_src.canonicalize() {
@@ -332,17 +414,19 @@ fn wait_with_heartbeat(
     }
 }
 
-/// Runs ptxas for every architecture, prints the table, and fails on errors or spills.
-fn check_with_ptxas(root: &Path, ptxas: &Ptxas, ptx: &str) -> Result<()> {
+/// Runs ptxas on `module` for each of its architectures, prints the table, and fails
+/// on errors or spills.
+fn check_with_ptxas(root: &Path, ptxas: &Ptxas, module: Module) -> Result<()> {
+    let ptx = module.file;
     eprintln!(
         "checking {ptx} with {} ({}) for {}...",
         ptxas.path.display(),
         ptxas.version,
-        PTXAS_ARCHS.join(", ")
+        module.ptxas_archs.join(", ")
     );
     let start = Instant::now();
     let mut reports = Vec::new();
-    for arch in PTXAS_ARCHS {
+    for &arch in module.ptxas_archs {
         reports.push(ptxas::run(ptxas, root, &root.join(ptx), arch)?);
     }
     eprintln!("ptxas done in {:.1} s", start.elapsed().as_secs_f64());

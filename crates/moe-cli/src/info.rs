@@ -19,17 +19,20 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .and_then(|c| c.lines().next())
         .unwrap_or("?");
     println!(
-        "PTX: {} kernels, {} / {} (PTX ISA {}), built by {compiler}",
+        "PTX: {} kernels for {}, built by {compiler}; kernel sources sha256 {}",
         moe_kernels::kernels::Kernel::ALL.len(),
         manifest["target"].as_str().unwrap_or("?"),
-        manifest["target_cpu"].as_str().unwrap_or("?"),
-        manifest["ptx_isa"].as_str().unwrap_or("?"),
-    );
-    println!(
-        "PTX sha256 {}, kernel sources sha256 {}",
-        manifest["ptx_sha256"].as_str().unwrap_or("?"),
         manifest["sources_sha256"].as_str().unwrap_or("?"),
     );
+    for module in manifest["modules"].as_array().into_iter().flatten() {
+        println!(
+            "  {}: {} (PTX ISA {}), sha256 {}",
+            module["file"].as_str().unwrap_or("?"),
+            module["target_cpu"].as_str().unwrap_or("?"),
+            module["ptx_isa"].as_str().unwrap_or("?"),
+            module["ptx_sha256"].as_str().unwrap_or("?"),
+        );
+    }
     println!("CPU: {} threads (rayon)", rayon::current_num_threads());
     match CudaDevice::count() {
         Ok(0) => println!("CUDA: the driver reports no device"),
@@ -47,8 +50,15 @@ pub(crate) fn run() -> anyhow::Result<()> {
                             .unwrap_or_default();
                         let (cc_major, cc_minor) =
                             device.context().compute_capability().unwrap_or((0, 0));
+                        let module = device.kernel_module();
+                        let launches = if module.overlaps_launches() {
+                            "launches overlapped"
+                        } else {
+                            "launches in turn"
+                        };
                         println!(
-                            "  cuda:{ordinal}: {name}, {memory}, compute capability {cc_major}.{cc_minor}, kernels loaded"
+                            "  cuda:{ordinal}: {name}, {memory}, compute capability {cc_major}.{cc_minor}, kernels loaded ({} module, {launches})",
+                            module.name()
                         );
                     }
                     Err(error) => println!("  cuda:{ordinal}: {error}"),

@@ -967,3 +967,23 @@ fn index_overflow_is_reported_before_the_shapes() {
         })
     );
 }
+
+#[test]
+fn the_device_loads_the_newest_kernel_module_unless_told_otherwise() {
+    let Some((device, _)) = gpu() else {
+        return;
+    };
+    let (major, minor) = device.context().compute_capability().unwrap();
+    let expected = match std::env::var(cuda::KERNEL_MODULE_ENV) {
+        Ok(name) => cuda::KernelModule::from_name(name.trim()).unwrap(),
+        Err(_) => cuda::KernelModule::for_compute_capability(major as u32, minor as u32).unwrap(),
+    };
+    eprintln!(
+        "compute capability {major}.{minor}: the {} module",
+        device.kernel_module().name()
+    );
+    assert_eq!(device.kernel_module(), expected);
+    // A second device on the same context shares the loaded module.
+    let again = cuda::CudaDevice::from_context(device.context().clone()).unwrap();
+    assert_eq!(again.kernel_module(), expected);
+}

@@ -29,6 +29,19 @@ pub(crate) fn warp() -> u32 {
     thread() >> 5
 }
 
+/// Waits until the grids this one depends on have completed and their memory is
+/// visible, then lets the grid queued after this one be scheduled (programmatic
+/// dependent launch). The Hopper module runs it first thing in every kernel, so a
+/// kernel launched with programmatic serialization never reads what its predecessor
+/// has not finished writing, while its launch overlaps the predecessor's end.
+#[cfg(moe_sm90)]
+#[inline(always)]
+pub(crate) fn wait_for_prior_grids() {
+    // SAFETY: both instructions only order this grid against its neighbours in the
+    // stream; without a programmatic dependency they return at once (sm_90+).
+    unsafe { asm!("griddepcontrol.wait;", "griddepcontrol.launch_dependents;") }
+}
+
 /// Block-wide barrier; also orders the block's shared and global memory accesses.
 #[inline(always)]
 pub(crate) fn sync_threads() {

@@ -2,7 +2,9 @@
 //!
 //! Each `extern "ptx-kernel"` entry point is a thin, monomorphic wrapper over a
 //! generic body in `route` or `rows`, named by [`crate::kernels`]; its one argument is
-//! a `#[repr(C)]` block from [`crate::params`] passed by value.
+//! a `#[repr(C)]` block from [`crate::params`] passed by value. In the Hopper module
+//! (`cfg(moe_sm90)`) every entry first waits for the grids before it
+//! ([`intrinsics::wait_for_prior_grids`]), which lets the host launch it early.
 
 mod block;
 mod gemm;
@@ -33,6 +35,8 @@ macro_rules! kernels {
         #[unsafe(no_mangle)]
         pub unsafe extern "ptx-kernel" fn $name($p: $params) {
             let $p = &$p;
+            #[cfg(moe_sm90)]
+            intrinsics::wait_for_prior_grids();
             // SAFETY: the host validated the call and sized every buffer of the params.
             unsafe { $body }
         }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, sys};
 use cudarc::nvrtc::Ptx;
+use moe_kernels::KernelModule;
 use moe_kernels::kernels::Kernel;
 
 use crate::{Device, MoeError, Result};
@@ -28,13 +29,19 @@ pub struct CudaDevice {
 /// The functions of the PTX module, indexed by [`Kernel::index`].
 #[derive(Debug)]
 struct KernelTable {
-    _module: Arc<CudaModule>,
+    module: KernelModule,
+    _loaded: Arc<CudaModule>,
     functions: Box<[CudaFunction]>,
 }
 
-/// The loaded modules, one per context: a context loads the PTX once however many
-/// devices or scratches use it.
-static MODULES: Mutex<Vec<(usize, Weak<KernelTable>)>> = Mutex::new(Vec::new());
+/// The loaded modules, one per context and module: a context loads the PTX once
+/// however many devices or scratches use it.
+static MODULES: Mutex<Vec<(usize, KernelModule, Weak<KernelTable>)>> = Mutex::new(Vec::new());
+
+/// The environment variable that chooses the PTX module (`sm_80`, `sm_90`) instead of
+/// the newest one the device runs: `MOE_KERNEL_MODULE=sm_80` turns the Hopper
+/// module's overlapped launches off, to compare or to rule them out.
+pub const KERNEL_MODULE_ENV: &str = "MOE_KERNEL_MODULE";
 
 /// The driver error of `action`, as a typed error with its cause.
 pub(crate) fn driver_error(action: &'static str) -> impl Fn(DriverError) -> MoeError {
@@ -99,8 +106,14 @@ impl CudaDevice {
 
     /// The kernels in a context the caller already has (candle's device's, say).
     /// cudarc's settings of the context (event tracking) are left as they are.
+    ///
+    /// The PTX module is the newest the device runs ([`KernelModule::for_compute_capability`]),
+    /// or the one named by `MOE_KERNEL_MODULE` ([`KERNEL_MODULE_ENV`]); a device older
+    /// than compute capability 8.0, or a module it cannot run, is
+    /// [`MoeError::DeviceUnavailable`].
     pub fn from_context(context: Arc<CudaContext>) -> Result<Arc<Self>> {
-        let kernels = load_kernels(&context)?;
+        let module = choose_module(&context, std::env::var(KERNEL_MODULE_ENV).ok().as_deref())?;
+        let kernels = load_kernels(&context, module)?;
         Ok(Arc::new(Self {
             ordinal: context.ordinal(),
             context,
@@ -194,6 +207,11 @@ impl CudaDevice {
         &self.kernels.functions[kernel.index()]
     }
 
+    /// The PTX module the device's kernels come from.
+    pub fn kernel_module(&self) -> KernelModule {
+        self.kernels.module
+    }
+
     /// Makes the context current on the calling thread (launches need it).
     pub(crate) fn bind_to_thread(&self) -> Result<()> {
         self.context
@@ -256,21 +274,67 @@ impl<'a> Stream<'a> {
     }
 }
 
-fn load_kernels(context: &Arc<CudaContext>) -> Result<Arc<KernelTable>> {
+/// The module for `context`'s device: the one `requested` names (the environment's
+/// choice), else the newest the device runs.
+fn choose_module(context: &CudaContext, requested: Option<&str>) -> Result<KernelModule> {
+    let (major, minor) = context
+        .compute_capability()
+        .map_err(driver_error("read the device's compute capability"))?;
+    module_for(
+        Device::Cuda(context.ordinal()),
+        (major.max(0) as u32, minor.max(0) as u32),
+        requested,
+    )
+}
+
+/// [`choose_module`] for a device of compute capability `major.minor`.
+fn module_for(
+    device: Device,
+    (major, minor): (u32, u32),
+    requested: Option<&str>,
+) -> Result<KernelModule> {
+    let unavailable = |reason| Err(MoeError::DeviceUnavailable { device, reason });
+    let Some(newest) = KernelModule::for_compute_capability(major, minor) else {
+        return unavailable(format!(
+            "compute capability {major}.{minor}: the kernels need 8.0 (Ampere) or newer"
+        ));
+    };
+    let Some(requested) = requested else {
+        return Ok(newest);
+    };
+    let Some(module) = KernelModule::from_name(requested.trim()) else {
+        let names: Vec<_> = KernelModule::ALL.iter().map(|m| m.name()).collect();
+        return unavailable(format!(
+            "{KERNEL_MODULE_ENV}={requested:?} names no kernel module (there are {})",
+            names.join(", ")
+        ));
+    };
+    let (need_major, need_minor) = module.min_compute_capability();
+    if (need_major, need_minor) > (major, minor) {
+        return unavailable(format!(
+            "{KERNEL_MODULE_ENV}={} needs compute capability {need_major}.{need_minor}; the \
+             device has {major}.{minor}",
+            module.name()
+        ));
+    }
+    Ok(module)
+}
+
+fn load_kernels(context: &Arc<CudaContext>, choice: KernelModule) -> Result<Arc<KernelTable>> {
     let key = context.cu_ctx() as usize;
     let mut modules = MODULES
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    modules.retain(|(_, kernels)| kernels.strong_count() > 0);
+    modules.retain(|(_, _, kernels)| kernels.strong_count() > 0);
     if let Some(kernels) = modules
         .iter()
-        .find(|(ctx, _)| *ctx == key)
-        .and_then(|(_, kernels)| kernels.upgrade())
+        .find(|(ctx, module, _)| *ctx == key && *module == choice)
+        .and_then(|(_, _, kernels)| kernels.upgrade())
     {
         return Ok(kernels);
     }
     let module = context
-        .load_module(Ptx::from_src(moe_kernels::PTX))
+        .load_module(Ptx::from_src(choice.ptx()))
         .map_err(driver_error("load the kernels' PTX module"))?;
     let functions = Kernel::ALL
         .iter()
@@ -291,9 +355,44 @@ fn load_kernels(context: &Arc<CudaContext>) -> Result<Arc<KernelTable>> {
         }
     }
     let kernels = Arc::new(KernelTable {
-        _module: module,
+        module: choice,
+        _loaded: module,
         functions,
     });
-    modules.push((key, Arc::downgrade(&kernels)));
+    modules.push((key, choice, Arc::downgrade(&kernels)));
     Ok(kernels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_loads_the_newest_module_it_runs_or_the_one_asked_for() {
+        let device = Device::Cuda(0);
+        let module = |cc, requested| module_for(device, cc, requested);
+        assert_eq!(module((9, 0), None).unwrap(), KernelModule::Sm90);
+        assert_eq!(module((8, 6), None).unwrap(), KernelModule::Sm80);
+        assert_eq!(module((9, 0), Some("sm_80")).unwrap(), KernelModule::Sm80);
+        assert_eq!(
+            module((10, 0), Some(" sm_90\n")).unwrap(),
+            KernelModule::Sm90
+        );
+        let reason = |result: Result<KernelModule>| match result {
+            Err(MoeError::DeviceUnavailable { reason, .. }) => reason,
+            other => panic!("expected DeviceUnavailable, got {other:?}"),
+        };
+        assert_eq!(
+            reason(module((7, 5), None)),
+            "compute capability 7.5: the kernels need 8.0 (Ampere) or newer"
+        );
+        assert_eq!(
+            reason(module((8, 0), Some("sm_90"))),
+            "MOE_KERNEL_MODULE=sm_90 needs compute capability 9.0; the device has 8.0"
+        );
+        assert_eq!(
+            reason(module((9, 0), Some("hopper"))),
+            "MOE_KERNEL_MODULE=\"hopper\" names no kernel module (there are sm_80, sm_90)"
+        );
+    }
 }

@@ -2,6 +2,9 @@
 //! through [`launch`], the permute runtime's and the MoE block's alike.
 
 use std::ffi::c_void;
+use std::ptr::null_mut;
+
+use cudarc::driver::sys;
 
 use moe_kernels::kernels::{IdWidth, Kernel};
 use moe_kernels::{KernelParams, ROUTE_CHUNK, ROUTE_THREADS, RouteParams};
@@ -50,18 +53,48 @@ pub unsafe fn launch<P: KernelParams>(
     device.bind_to_thread()?;
     // The kernel copies the block from this address when the launch is queued.
     let mut args = [params as *const P as *mut c_void];
-    // SAFETY: `params` is the `#[repr(C)]` block `kernel` takes by value (checked
-    // above: one definition in moe-kernels); the caller guarantees the memory it
-    // addresses and the ordering; the function is of the stream's context.
-    unsafe {
-        cudarc::driver::result::launch_kernel(
-            device.function(kernel).cu_function(),
-            (grid.blocks, 1, 1),
-            (grid.threads, 1, 1),
-            kernel.dynamic_shared_bytes(),
-            stream.cu_stream(),
-            &mut args,
-        )
+    let function = device.function(kernel).cu_function();
+    let shared = kernel.dynamic_shared_bytes();
+    if device.kernel_module().overlaps_launches() {
+        // The Hopper module's kernels wait for the grid before them first thing
+        // (`griddepcontrol.wait`), so this launch may begin while that grid ends
+        // (programmatic stream serialization); its results are still seen whole.
+        let mut overlap = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.blocks,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: grid.threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared,
+            hStream: stream.cu_stream(),
+            attrs: &mut overlap,
+            numAttrs: 1,
+        };
+        // SAFETY: as below; `config` and the attribute it points to outlive the call,
+        // which copies them.
+        unsafe { sys::cuLaunchKernelEx(&config, function, args.as_mut_ptr(), null_mut()) }.result()
+    } else {
+        // SAFETY: `params` is the `#[repr(C)]` block `kernel` takes by value (checked
+        // above: one definition in moe-kernels); the caller guarantees the memory it
+        // addresses and the ordering; the function is of the stream's context.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                function,
+                (grid.blocks, 1, 1),
+                (grid.threads, 1, 1),
+                shared,
+                stream.cu_stream(),
+                &mut args,
+            )
+        }
     }
     .map_err(driver_error("launch a kernel"))
 }

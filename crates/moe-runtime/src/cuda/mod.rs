@@ -36,7 +36,7 @@ pub(crate) use buffers::{Carving, CudaBuffers};
 
 pub use align::{DeviceAlignOutput, align};
 pub use buffers::{SCRATCH_ALIGNMENT, ScratchMemoryLayout, ScratchOffsets};
-pub use device::{CudaDevice, CudaLibrary, Stream, StreamId};
+pub use device::{CudaDevice, CudaLibrary, KERNEL_MODULE_ENV, Stream, StreamId};
 pub use launch::{
     Grid, MULTI_BLOCK_CHUNK, SCAN_IN_PLACE_ENTRIES, SINGLE_BLOCK_ENTRIES, launch, route_launches,
 };
@@ -44,6 +44,7 @@ pub use memory::{
     DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,
     DeviceViewMut,
 };
+pub use moe_kernels::KernelModule;
 pub use owned::DeviceBuffer;
 pub use permute::{
     DevicePermuteDest, DevicePermuteInput, DevicePermuteOutput, permute, permute_into,
