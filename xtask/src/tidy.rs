@@ -156,7 +156,16 @@ fn quotes() -> Vec<Quote> {
         quote("docs/kernels.md", "so `L <= ", MAX_LOCAL_EXPERTS),
         quote("docs/kernels.md", "warps x ", MAX_LOCAL_EXPERTS),
         quote("docs/kernels.md", "**Resources**: ", route_shared_memory()),
-        quote("docs/kernels.md", "PTX ISA\n", ptx_isa()),
+        quote(
+            "docs/kernels.md",
+            "moe_kernels.ptx`, PTX ISA ",
+            ptx_isa(moe_kernels::PTX),
+        ),
+        quote(
+            "docs/kernels.md",
+            "moe_kernels_sm90.ptx`, PTX ISA ",
+            ptx_isa(moe_kernels::PTX_SM90),
+        ),
         quote(
             "docs/benchmarks.md",
             "A permute of 129 to ",
@@ -192,10 +201,9 @@ fn route_shared_memory() -> String {
     declared.to_string()
 }
 
-/// The PTX ISA version of the committed module (`.version 7.8`).
-fn ptx_isa() -> String {
-    moe_kernels::PTX
-        .lines()
+/// The PTX ISA version of a committed module (`.version 7.8`).
+fn ptx_isa(ptx: &str) -> String {
+    ptx.lines()
         .find_map(|line| line.trim().strip_prefix(".version "))
         .unwrap_or("?")
         .trim()

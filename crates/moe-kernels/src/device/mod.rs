@@ -6,6 +6,35 @@
 //! (`cfg(moe_sm90)`) every entry first waits for the grids before it
 //! ([`intrinsics::wait_for_prior_grids`]), which lets the host launch it early.
 
+/// Runs `$body` once for each `$j` in the list, each time with `$j` a constant. LLVM
+/// leaves a loop rolled when its body is large (as a 16-bit row's sum is) or its trip
+/// count unknown, and a rolled loop waits for each load before issuing the next, and
+/// indexes its arrays at run time, which puts them in local memory; loops whose loads
+/// must be in flight together (unpermute's rows, the routing's chunk counts) are
+/// written with these instead.
+macro_rules! unroll {
+    ($j:ident in [$($n:literal)*] => $body:expr) => {
+        $({
+            let $j: usize = $n;
+            $body
+        })*
+    };
+}
+
+/// [`unroll!`] over `0..8`.
+macro_rules! unroll_8 {
+    ($j:ident => $body:expr) => {
+        unroll!($j in [0 1 2 3 4 5 6 7] => $body)
+    };
+}
+
+/// [`unroll!`] over `0..16`.
+macro_rules! unroll_16 {
+    ($j:ident => $body:expr) => {
+        unroll!($j in [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15] => $body)
+    };
+}
+
 mod block;
 mod gemm;
 mod intrinsics;

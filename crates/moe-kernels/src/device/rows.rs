@@ -25,22 +25,6 @@ pub(crate) const LOADS_LARGE: usize = 1;
 /// latency, so the rows must be in flight together, not read one after another.
 pub(crate) const LOADS_SMALL: usize = 8;
 
-/// Runs `$body` once for each `$j` in `0..8`, each time with `$j` a constant. LLVM
-/// leaves a loop rolled when its body is large (as a 16-bit row's sum is), and a
-/// rolled loop indexes its arrays at run time, which puts them in local memory; the
-/// row loops of [`unpermute`] are written with this instead. `LOADS` is at most 8.
-macro_rules! unroll_8 {
-    ($j:ident => $body:expr) => {
-        unroll_8!(@ $j $body; 0 1 2 3 4 5 6 7)
-    };
-    (@ $j:ident $body:expr; $($n:literal)*) => {
-        $({
-            let $j: usize = $n;
-            $body
-        })*
-    };
-}
-
 const _: () = assert!(LOADS_LARGE <= 8 && LOADS_SMALL <= 8);
 
 /// 16 bytes with 16-byte alignment: loads and stores become `ld/st.global.v4`.
