@@ -71,7 +71,7 @@ pub fn align<'s>(
         config.num_local_experts,
         block_size,
     );
-    let (chunk_entries, num_chunks) = route_chunks(dims.num_entries());
+    let (chunk_entries, num_chunks) = route_chunks(dims.num_entries(), true);
     let ordinal = buffers.device.ordinal();
     let sorted_ids =
         DeviceView::from_parts(buffers.address(|c| c.sorted_ids), len, ordinal, binding);

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaEvent, sys};
 use moe_kernels::{MAX_LOCAL_EXPERTS, STATUS_BYTES};
 
 use super::device::{CudaDevice, Stream, StreamId, driver_error};
-use super::launch::route_chunks;
+use super::launch::max_route_chunks;
 use super::memory::Binding;
 use super::owned::DeviceMemory;
 use super::status::{DeviceStatus, STATUS_CLEAR_BYTE, clear_async};
@@ -113,7 +113,7 @@ impl Carving {
         }
         // `check` keeps every index (so `entries`) within i32.
         let entries = config.max_entries()?;
-        let max_chunks = route_chunks(entries as u32).1 as usize;
+        let max_chunks = max_route_chunks(entries as u32) as usize;
         let (row_bytes, scales) = config.rows.map_or(Ok((0, 0)), |rows| {
             rows.row_bytes().map(|bytes| (bytes, rows.scale_columns))
         })?;

@@ -99,23 +99,53 @@ pub unsafe fn launch<P: KernelParams>(
     .map_err(driver_error("launch a kernel"))
 }
 
-/// Entries up to which one block routes a whole call, in one launch: below this, the
-/// two extra launches of the multi-block path cost more than the block's serial work
-/// (measured on an H200: a block ranks about 1000 entries a microsecond).
-pub const SINGLE_BLOCK_ENTRIES: u32 = 2048;
-/// Entries per block of the multi-block path: small enough for many blocks at a few
-/// thousand entries, at most [`ROUTE_CHUNK`] (the kernels' 16-bit per-warp counts).
+/// Entries up to which one block routes a whole permute, in one launch. Measured on an
+/// H200 with overlapped launches (docs/benchmarks.md): from 1025 to 2048 entries the
+/// multi-block path (count, place) took 0.77-0.95x one block's time, whose serial work
+/// grows with the entries (a block ranks about 1000 entries a microsecond).
+pub const SINGLE_BLOCK_ENTRIES: u32 = 1024;
+/// The same for align, whose multi-block path is three launches (count, scan, place).
+pub const ALIGN_SINGLE_BLOCK_ENTRIES: u32 = 2048;
+/// Entries per block of a permute's multi-block path up to [`SMALL_CHUNK_ENTRIES`]:
+/// more blocks for a few thousand entries.
+pub const SMALL_CHUNK: u32 = 512;
+/// Entries up to which a permute's chunks are [`SMALL_CHUNK`] long (16 of them).
+pub const SMALL_CHUNK_ENTRIES: u32 = 16 * SMALL_CHUNK;
+/// Entries per block of the multi-block path above [`SMALL_CHUNK_ENTRIES`], and of
+/// align's: fewer chunks for `route_scan` to walk. At most [`ROUTE_CHUNK`] (the
+/// kernels' 16-bit per-warp counts).
 pub const MULTI_BLOCK_CHUNK: u32 = 1024;
-const _: () = assert!(MULTI_BLOCK_CHUNK <= ROUTE_CHUNK && SINGLE_BLOCK_ENTRIES <= ROUTE_CHUNK);
+const _: () = assert!(
+    MULTI_BLOCK_CHUNK <= ROUTE_CHUNK
+        && ALIGN_SINGLE_BLOCK_ENTRIES <= ROUTE_CHUNK
+        && SINGLE_BLOCK_ENTRIES <= SMALL_CHUNK_ENTRIES
+);
 
 /// How `entries` are cut into routing blocks: `(chunk_entries, num_chunks)`. One
 /// block does all when there are few (also for none: it still writes offsets).
-pub(crate) fn route_chunks(entries: u32) -> (u32, u32) {
-    if entries <= SINGLE_BLOCK_ENTRIES {
+pub(crate) fn route_chunks(entries: u32, align: bool) -> (u32, u32) {
+    let single = if align {
+        ALIGN_SINGLE_BLOCK_ENTRIES
+    } else {
+        SINGLE_BLOCK_ENTRIES
+    };
+    if entries <= single {
         (entries, 1)
+    } else if !align && entries <= SMALL_CHUNK_ENTRIES {
+        (SMALL_CHUNK, entries.div_ceil(SMALL_CHUNK))
     } else {
         (MULTI_BLOCK_CHUNK, entries.div_ceil(MULTI_BLOCK_CHUNK))
     }
+}
+
+/// The most chunks a permute or an align of at most `entries` entries is cut into: what
+/// a scratch's chunk counts must hold. Not simply the chunks of `entries`, as chunks
+/// grow from [`SMALL_CHUNK`] to [`MULTI_BLOCK_CHUNK`] past [`SMALL_CHUNK_ENTRIES`].
+pub(crate) fn max_route_chunks(entries: u32) -> u32 {
+    let small = route_chunks(entries.min(SMALL_CHUNK_ENTRIES), false).1;
+    small
+        .max(route_chunks(entries, false).1)
+        .max(route_chunks(entries, true).1)
 }
 
 /// Entries up to which permute's placing blocks scan the chunks' counts themselves
@@ -174,14 +204,42 @@ mod tests {
 
     #[test]
     fn one_block_routes_small_calls_and_chunks_cover_large_ones() {
-        assert_eq!(route_chunks(0), (0, 1));
+        for align in [false, true] {
+            assert_eq!(route_chunks(0, align), (0, 1));
+            for entries in 1..=40_000 {
+                let (chunk, count) = route_chunks(entries, align);
+                assert!(
+                    chunk <= ROUTE_CHUNK && chunk * count >= entries,
+                    "{entries}"
+                );
+                assert!(chunk * (count - 1) < entries, "{entries}: an empty chunk");
+                assert!(count <= max_route_chunks(entries), "{entries}");
+                // The scratch of a larger call holds the chunks of every smaller one.
+                assert!(max_route_chunks(entries) >= max_route_chunks(entries - 1));
+            }
+        }
         assert_eq!(
-            route_chunks(SINGLE_BLOCK_ENTRIES),
+            route_chunks(SINGLE_BLOCK_ENTRIES, false),
             (SINGLE_BLOCK_ENTRIES, 1)
         );
-        let (chunk, count) = route_chunks(SINGLE_BLOCK_ENTRIES + 1);
-        assert_eq!(chunk, MULTI_BLOCK_CHUNK);
-        assert!(chunk * count > SINGLE_BLOCK_ENTRIES);
+        assert_eq!(
+            route_chunks(SINGLE_BLOCK_ENTRIES + 1, false),
+            (SMALL_CHUNK, 3)
+        );
+        assert_eq!(route_chunks(SMALL_CHUNK_ENTRIES, false), (SMALL_CHUNK, 16));
+        assert_eq!(
+            route_chunks(SMALL_CHUNK_ENTRIES + 1, false),
+            (MULTI_BLOCK_CHUNK, 9)
+        );
+        assert_eq!(max_route_chunks(SMALL_CHUNK_ENTRIES + 1), 16);
+        assert_eq!(
+            route_chunks(ALIGN_SINGLE_BLOCK_ENTRIES, true),
+            (ALIGN_SINGLE_BLOCK_ENTRIES, 1)
+        );
+        assert_eq!(
+            route_chunks(ALIGN_SINGLE_BLOCK_ENTRIES + 1, true),
+            (MULTI_BLOCK_CHUNK, 3)
+        );
         assert_eq!(route_launches(SINGLE_BLOCK_ENTRIES), 1);
         assert_eq!(route_launches(SINGLE_BLOCK_ENTRIES + 1), 2);
         assert_eq!(route_launches(SCAN_IN_PLACE_ENTRIES), 2);

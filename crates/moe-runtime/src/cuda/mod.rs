@@ -38,7 +38,8 @@ pub use align::{DeviceAlignOutput, align};
 pub use buffers::{SCRATCH_ALIGNMENT, ScratchMemoryLayout, ScratchOffsets};
 pub use device::{CudaDevice, CudaLibrary, KERNEL_MODULE_ENV, Stream, StreamId};
 pub use launch::{
-    Grid, MULTI_BLOCK_CHUNK, SCAN_IN_PLACE_ENTRIES, SINGLE_BLOCK_ENTRIES, launch, route_launches,
+    ALIGN_SINGLE_BLOCK_ENTRIES, Grid, MULTI_BLOCK_CHUNK, SCAN_IN_PLACE_ENTRIES,
+    SINGLE_BLOCK_ENTRIES, SMALL_CHUNK, SMALL_CHUNK_ENTRIES, launch, route_launches,
 };
 pub use memory::{
     DeviceExpertIds, DeviceRows, DeviceRowsMut, DeviceScales, DeviceTopkIds, DeviceView,

@@ -235,7 +235,7 @@ fn enqueue(
         num_experts: config.num_experts as u32,
         num_local_experts: config.num_local_experts as u32,
     };
-    let (chunk_entries, num_chunks) = route_chunks(dims.num_entries());
+    let (chunk_entries, num_chunks) = route_chunks(dims.num_entries(), false);
     let offsets = buffers.address(|c| c.expert_first_token_offset);
     let inv = buffers.address(|c| c.inv_permuted_idx);
     let route_params = RouteParams {
