@@ -82,6 +82,9 @@ pub unsafe fn launch<P: KernelParams>(
         // which copies them.
         unsafe { sys::cuLaunchKernelEx(&config, function, args.as_mut_ptr(), null_mut()) }.result()
     } else {
+        // The plain launch, not `cuLaunchKernelEx` with no attribute: that entry point
+        // is CUDA 11.8's, and a driver without it would fail at the call; the sm_90
+        // module's devices need a newer driver anyway.
         // SAFETY: `params` is the `#[repr(C)]` block `kernel` takes by value (checked
         // above: one definition in moe-kernels); the caller guarantees the memory it
         // addresses and the ordering; the function is of the stream's context.
